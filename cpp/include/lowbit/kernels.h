@@ -1,0 +1,71 @@
+// CPU kernel tables (one per ISA, chosen at run time) and the matmul driver built on them.
+//
+// Semantics (spec/quant-types.md#runtime): activations are quantized to block_q8_act (int8, fp32 scale,
+// block 32) and dotted with quantized weight rows in integer arithmetic, as ggml does; F16/BF16/F32
+// weights are dotted with the float activations directly.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "lowbit/blocks.h"
+#include "lowbit/threads.h"
+#include "lowbit/types.h"
+
+namespace lowbit {
+namespace cpu {
+
+enum class Isa : int { Generic = 0, AVX2 = 1, AVX512 = 2, NEON = 3 };
+const char* isa_name(Isa isa);
+
+// Dot products of a tile: nrows weight rows (row r at w + r*w_stride bytes) against ncols activation
+// rows (column c at x + c*x_stride bytes), each k elements long; y[c*y_stride + r] = dot(row r, col c).
+// 1 <= nrows <= kTileRows, 1 <= ncols <= kTileCols. k is a multiple of the weight block size.
+// For quantized weights x points at block_q8_act blocks; for F16/BF16/F32 weights at floats.
+constexpr int kTileRows = 4;
+constexpr int kTileCols = 4;
+using DotTileFn = void (*)(int64_t k, const void* w, size_t w_stride, int nrows, const void* x,
+                           size_t x_stride, int ncols, float* y, size_t y_stride);
+
+struct Kernels {
+    Isa isa;
+    const char* name;
+    // x (k floats, k % 32 == 0) -> k / 32 activation blocks.
+    void (*quantize_act)(const float* x, block_q8_act* y, int64_t k);
+    DotTileFn dot_q4_0;
+    DotTileFn dot_q4_1;
+    DotTileFn dot_q8_0;
+    DotTileFn dot_nf4;
+    DotTileFn dot_f16;
+    DotTileFn dot_bf16;
+    DotTileFn dot_f32;
+    // Layer ops (float, n elements).
+    void (*rmsnorm)(float* out, const float* x, const float* weight, int64_t n, float eps);
+    void (*silu_mul)(float* out, const float* gate, const float* up, int64_t n);  // silu(gate) * up
+    float (*dot_f32_f32)(const float* a, const float* b, int64_t n);               // attention scores
+    void (*axpy_f32)(float* y, float a, const float* x, int64_t n);                  // y += a * x
+};
+
+// Table for one ISA, or nullptr when it was not compiled in or this CPU (and OS) cannot run it.
+const Kernels* kernels_for(Isa isa);
+// The active table: LOWBIT_ISA (generic|avx2|avx512|neon) if set, else the best this CPU supports.
+// Throws Error when LOWBIT_ISA names an ISA that is not available.
+const Kernels& kernels();
+// Force a table for tests and benchmarks (throws Error if unavailable).
+void set_isa(Isa isa);
+// Names of the ISAs compiled into this build, and of those this CPU can run.
+const char* compiled_isas();
+
+// Does the matmul driver support this weight type?
+bool matmul_supported(QType t);
+// Bytes of activation scratch needed for n_tok columns of k elements.
+size_t act_scratch_bytes(QType wt, int64_t k, int64_t n_tok);
+
+// Y (n_tok, n_out) = X (n_tok, k) @ W^T, W (n_out, k) stored as rows of type wt (rows contiguous,
+// w_row_bytes apart). Quantizes X once into `scratch` (act_scratch_bytes) and splits the output rows
+// over the pool. With n_tok > 1 it works in tiles so each weight block is read once per kTileCols tokens.
+void matmul(QType wt, const void* w, size_t w_row_bytes, int64_t n_out, int64_t k, const float* x,
+            int64_t n_tok, float* y, void* scratch, ThreadPool& pool);
+
+}  // namespace cpu
+}  // namespace lowbit

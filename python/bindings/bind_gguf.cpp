@@ -1,0 +1,3 @@
+// placeholder
+#include "bindings.h"
+void bind_gguf(py::module_& m) {}
