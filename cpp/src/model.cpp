@@ -1,1 +1,619 @@
-// placeholder: replaced by the owner of this file
+// The LLaMA forward pass: load a GGUF file, then embed -> [RMSNorm, attention, RMSNorm, SwiGLU] x n_layer
+// -> RMSNorm -> output head. Reads top to bottom; all heavy lifting is cpu::matmul and the kernel table.
+#include "lowbit/model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "lowbit/cuda.h"
+#include "lowbit/kernels.h"
+
+namespace lowbit {
+
+// ----------------------------------------------------------------------------------------------------
+// small helpers
+
+namespace {
+
+std::string type_name(uint32_t id) {
+    const TypeTraits* tt = type_traits(id);
+    return tt ? std::string(tt->name) : "unknown type id " + std::to_string(id);
+}
+
+std::string shape_str(const GGUFTensorInfo& t) {
+    std::string s = "[";
+    for (int i = 0; i < t.n_dims; ++i) s += (i ? ", " : "") + std::to_string(t.ne[i]);
+    return s + "]";
+}
+
+// Dequantize one row of n elements of any supported type into out (n floats).
+void dequantize_row(QType t, const uint8_t* row, float* out, int64_t n) {
+    switch (t) {
+        case QType::F32:
+            std::memcpy(out, row, n * sizeof(float));
+            return;
+        case QType::F16: {
+            const uint16_t* h = reinterpret_cast<const uint16_t*>(row);
+            for (int64_t i = 0; i < n; ++i) out[i] = fp16_to_fp32(h[i]);
+            return;
+        }
+        case QType::BF16: {
+            const uint16_t* h = reinterpret_cast<const uint16_t*>(row);
+            for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_fp32(h[i]);
+            return;
+        }
+        default:
+            dequantize(t, row, out, n, 1);
+    }
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------------------------------------------
+// loading: config, then every tensor checked for presence, shape and type
+
+std::unique_ptr<Model> Model::load(const std::string& path, const ModelParams& params) {
+    if (params.n_batch < 1) throw Error("n_batch must be >= 1 (got " + std::to_string(params.n_batch) + ")");
+    if (params.n_ctx < 0) throw Error("n_ctx must be >= 0 (0: the file's context length, at most 4096)");
+    if (params.n_gpu_layers != 0 && !cuda::compiled()) {
+        throw Error("n_gpu_layers=" + std::to_string(params.n_gpu_layers) +
+                    " needs a GPU, but this build has no CUDA backend; rebuild with LOWBIT_CUDA=ON "
+                    "(nvcc on PATH) or pass n_gpu_layers=0");
+    }
+
+    std::unique_ptr<Model> m(new Model());
+    m->params_ = params;
+    m->reader_ = std::make_unique<GGUFReader>(path);
+    const GGUFReader& r = *m->reader_;
+    ModelConfig& c = m->config_;
+
+    c.architecture = r.get_string("general.architecture", "");
+    if (c.architecture != "llama" && c.architecture != "mistral") {
+        throw Error("'" + path + "' has architecture '" + c.architecture +
+                    "'; lowbit runs only LLaMA-family models (general.architecture 'llama' or 'mistral')");
+    }
+    c.name = r.get_string("general.name", "");
+    const std::string a = c.architecture + ".";
+    auto require_int = [&](const std::string& key) -> int {
+        const GGUFValue* v = r.find(key);
+        if (!v) throw Error("'" + path + "' lacks the metadata key '" + key + "'; the file is not a complete " +
+                            c.architecture + " model (re-convert it)");
+        int64_t x = v->as_int();
+        if (x <= 0 || x > (1 << 30)) throw Error("metadata key '" + key + "' has the invalid value " + std::to_string(x));
+        return static_cast<int>(x);
+    };
+    c.n_ctx_train = require_int(a + "context_length");
+    c.n_embd = require_int(a + "embedding_length");
+    c.n_layer = require_int(a + "block_count");
+    c.n_ff = require_int(a + "feed_forward_length");
+    c.n_head = require_int(a + "attention.head_count");
+    c.n_head_kv = r.has(a + "attention.head_count_kv") ? require_int(a + "attention.head_count_kv") : c.n_head;
+    if (c.n_head % c.n_head_kv != 0) {
+        throw Error("head_count (" + std::to_string(c.n_head) + ") is not a multiple of head_count_kv (" +
+                    std::to_string(c.n_head_kv) + ")");
+    }
+    if (r.has(a + "attention.key_length")) {
+        c.head_dim = require_int(a + "attention.key_length");
+    } else {
+        if (c.n_embd % c.n_head != 0) {
+            throw Error("embedding_length (" + std::to_string(c.n_embd) + ") is not a multiple of head_count (" +
+                        std::to_string(c.n_head) + ") and attention.key_length is absent");
+        }
+        c.head_dim = c.n_embd / c.n_head;
+    }
+    if (r.has(a + "attention.value_length") && require_int(a + "attention.value_length") != c.head_dim) {
+        throw Error("attention.value_length differs from attention.key_length; lowbit needs equal key and value head sizes");
+    }
+    c.n_rot = r.has(a + "rope.dimension_count") ? require_int(a + "rope.dimension_count") : c.head_dim;
+    if (c.n_rot > c.head_dim || c.n_rot % 2 != 0) {
+        throw Error("rope.dimension_count (" + std::to_string(c.n_rot) + ") must be even and <= the head size (" +
+                    std::to_string(c.head_dim) + ")");
+    }
+    c.rope_freq_base = static_cast<float>(r.get_float(a + "rope.freq_base", 10000.0));
+    c.rms_eps = static_cast<float>(r.get_float(a + "attention.layer_norm_rms_epsilon", 1e-5));
+    const std::string scaling = r.get_string(a + "rope.scaling.type", "none");
+    if (scaling == "linear") {
+        double factor = r.get_float(a + "rope.scaling.factor", 1.0);
+        if (!(factor > 0.0)) throw Error("rope.scaling.factor must be > 0 (got " + std::to_string(factor) + ")");
+        c.rope_freq_scale = static_cast<float>(1.0 / factor);
+    } else if (scaling != "none" && !scaling.empty()) {
+        throw Error("rope.scaling.type '" + scaling + "' is not supported (lowbit supports 'none' and 'linear')");
+    }
+    if (!(c.rope_freq_base > 0.0f)) throw Error("rope.freq_base must be > 0");
+    if (!(c.rms_eps >= 0.0f)) throw Error("attention.layer_norm_rms_epsilon must be >= 0");
+
+    m->n_ctx_ = params.n_ctx > 0 ? params.n_ctx : std::min(c.n_ctx_train, 4096);
+    m->load_tensors();
+    if (m->reader_->file_changed_on_disk()) {
+        throw Error("'" + path + "' was replaced or truncated on disk while it was being loaded; load it again");
+    }
+    m->pool_ = std::make_unique<ThreadPool>(params.n_threads);
+    m->setup_gpu();
+    m->allocate_state();
+    return m;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// layer offload. Placement follows llama.cpp's n_gpu_layers: the LAST N blocks go to the GPU (with their KV
+// cache), and N > n_layer (or N < 0: everything) puts the output head there too; the token embedding always
+// stays on the CPU. The hidden state crosses the bus once per direction per chunk.
+
+#ifdef LOWBIT_HAVE_CUDA
+struct Model::Gpu {
+    std::unique_ptr<cuda::Backend> backend;
+};
+
+namespace {
+cuda::Matrix to_matrix(const WeightView& w) {
+    cuda::Matrix m;
+    m.type = w.type;
+    m.data = w.data;
+    m.n_rows = w.n_out;
+    m.n_cols = w.n_in;
+    return m;
+}
+}  // namespace
+
+void Model::setup_gpu() {
+    const ModelConfig& c = config_;
+    const int n = params_.n_gpu_layers;
+    const int n_blocks = n < 0 ? c.n_layer : std::min(n, c.n_layer);
+    gpu_begin_ = c.n_layer - n_blocks;
+    gpu_output_ = n < 0 || n > c.n_layer;
+    if (n_blocks == 0 && !gpu_output_) return;
+    if (has_rope_freq_factors_) {
+        throw Error("this model has rope_freqs.weight (per-frequency RoPE factors), which the CUDA backend does not "
+                    "support; pass n_gpu_layers=0");
+    }
+    cuda::BackendConfig bc;
+    bc.n_embd = c.n_embd;
+    bc.n_head = c.n_head;
+    bc.n_head_kv = c.n_head_kv;
+    bc.head_dim = c.head_dim;
+    bc.n_ff = c.n_ff;
+    bc.n_ctx = n_ctx_;
+    bc.rms_eps = c.rms_eps;
+    bc.rope_freq_base = c.rope_freq_base;
+    bc.rope_freq_scale = c.rope_freq_scale;
+    bc.rope_dim = c.n_rot;
+    gpu_ = std::make_unique<Gpu>();
+    gpu_->backend = std::make_unique<cuda::Backend>(bc, params_.n_batch);
+    for (int l = gpu_begin_; l < c.n_layer; ++l) {
+        const Layer& L = layers_[l];
+        cuda::LayerWeights w;
+        w.attn_norm = L.attn_norm;
+        w.wq = to_matrix(L.wq);
+        w.wk = to_matrix(L.wk);
+        w.wv = to_matrix(L.wv);
+        w.wo = to_matrix(L.wo);
+        w.ffn_norm = L.ffn_norm;
+        w.w_gate = to_matrix(L.w_gate);
+        w.w_up = to_matrix(L.w_up);
+        w.w_down = to_matrix(L.w_down);
+        gpu_->backend->add_layer(w);
+    }
+    if (gpu_output_) gpu_->backend->set_output(output_norm, to_matrix(output));
+}
+
+void Model::forward_layers_gpu(float* x, int n, int pos0) {
+    if (gpu_ && gpu_begin_ < config_.n_layer) gpu_->backend->forward(0, config_.n_layer - gpu_begin_, x, n, pos0);
+}
+
+void Model::output_head_gpu(const float* x, int n, float* logits) { gpu_->backend->output(x, n, logits); }
+
+void Model::truncate_gpu(int n_keep) {
+    if (gpu_) gpu_->backend->truncate(n_keep);
+}
+
+uint64_t Model::gpu_bytes() const { return gpu_ ? gpu_->backend->device_bytes() : 0; }
+#else
+struct Model::Gpu {};
+void Model::setup_gpu() { gpu_begin_ = config_.n_layer; }
+void Model::forward_layers_gpu(float*, int, int) {}
+void Model::output_head_gpu(const float*, int, float*) {}
+void Model::truncate_gpu(int) {}
+uint64_t Model::gpu_bytes() const { return 0; }
+#endif
+
+Model::~Model() = default;
+
+void Model::load_tensors() {
+    const GGUFReader& r = *reader_;
+    ModelConfig& c = config_;
+
+    auto find = [&](const std::string& name) -> const GGUFTensorInfo& {
+        const GGUFTensorInfo* t = r.find_tensor(name);
+        if (!t) throw Error("'" + r.path() + "' lacks the tensor '" + name + "'; the file is not a complete model");
+        return *t;
+    };
+    // A matrix with ggml shape [n_in, n_out] that the matmul driver can multiply.
+    auto matrix = [&](const GGUFTensorInfo& t, int64_t n_in, int64_t n_out) -> WeightView {
+        if (t.n_dims != 2 || t.ne[0] != n_in || t.ne[1] != n_out) {
+            throw Error("tensor '" + t.name + "' has shape " + shape_str(t) + ", expected [" + std::to_string(n_in) +
+                        ", " + std::to_string(n_out) + "] for this model's hyper-parameters");
+        }
+        const TypeTraits* tt = type_traits(t.type_id);
+        if (!tt || !tt->supported) {
+            throw Error("tensor '" + t.name + "' has type " + type_name(t.type_id) +
+                        ", which lowbit cannot compute with; requantize the file (lowbit quantize) to "
+                        "F32, F16, BF16, Q8_0, Q4_0, Q4_1 or NF4");
+        }
+        WeightView w;
+        w.n_in = n_in;
+        w.n_out = n_out;
+        const uint8_t* data = r.tensor_data(t);
+        if (t.type_id == static_cast<uint32_t>(QType::NF4_DQ)) {
+            // The kernels consume plain NF4 blocks: expand the double-quantized scales once, here.
+            if (n_in % QK_NF4 != 0) {
+                throw Error("tensor '" + t.name + "' is NF4_DQ with rows of " + std::to_string(n_in) +
+                            " elements, not a multiple of 64");
+            }
+            owned_.emplace_back(static_cast<size_t>(n_in / QK_NF4 * n_out) * sizeof(block_nf4));
+            nf4_dq_to_nf4(data, reinterpret_cast<block_nf4*>(owned_.back().data()), n_in * n_out);
+            w.type = QType::NF4;
+            w.data = owned_.back().data();
+        } else {
+            w.type = static_cast<QType>(t.type_id);
+            w.data = data;
+            weights_mapped_ += t.nbytes;
+        }
+        if (n_in % supported_traits(w.type).block_size != 0) {
+            throw Error("tensor '" + t.name + "' rows of " + std::to_string(n_in) +
+                        " elements are not a multiple of its type's block size");
+        }
+        if (!cpu::matmul_supported(w.type)) {
+            throw Error("tensor '" + t.name + "' has type " + type_name(t.type_id) +
+                        ", which the CPU matmul does not support; requantize the file");
+        }
+        w.row_bytes = row_size(w.type, n_in);
+        return w;
+    };
+    // A 1-D fp32 vector of n elements (F16/BF16 files are converted once into owned storage).
+    auto vector = [&](const GGUFTensorInfo& t, int64_t n) -> const float* {
+        if (t.n_elements() != n || t.ne[0] != n) {
+            throw Error("tensor '" + t.name + "' has shape " + shape_str(t) + ", expected [" + std::to_string(n) + "]");
+        }
+        QType type = static_cast<QType>(t.type_id);
+        if (type == QType::F32) {
+            weights_mapped_ += t.nbytes;
+            return reinterpret_cast<const float*>(r.tensor_data(t));
+        }
+        if (type != QType::F16 && type != QType::BF16) {
+            throw Error("tensor '" + t.name + "' has type " + type_name(t.type_id) + "; norm weights must be F32, F16 or BF16");
+        }
+        owned_.emplace_back(static_cast<size_t>(n) * sizeof(float));
+        float* out = reinterpret_cast<float*>(owned_.back().data());
+        dequantize_row(type, r.tensor_data(t), out, n);
+        return out;
+    };
+
+    const GGUFTensorInfo& embd = find("token_embd.weight");
+    if (embd.n_dims != 2 || embd.ne[0] != c.n_embd) {
+        throw Error("tensor 'token_embd.weight' has shape " + shape_str(embd) + ", expected [" +
+                    std::to_string(c.n_embd) + ", n_vocab]");
+    }
+    c.n_vocab = static_cast<int>(embd.ne[1]);
+    token_embd = matrix(embd, c.n_embd, c.n_vocab);
+    output_norm = vector(find("output_norm.weight"), c.n_embd);
+    if (r.find_tensor("output.weight")) {
+        output = matrix(find("output.weight"), c.n_embd, c.n_vocab);
+    } else {
+        c.tied_embeddings = true;
+        output = token_embd;
+    }
+
+    const int64_t q_dim = static_cast<int64_t>(c.n_head) * c.head_dim;
+    const int64_t kv_dim = static_cast<int64_t>(c.n_head_kv) * c.head_dim;
+    layers_.resize(c.n_layer);
+    for (int l = 0; l < c.n_layer; ++l) {
+        const std::string p = "blk." + std::to_string(l) + ".";
+        Layer& L = layers_[l];
+        L.attn_norm = vector(find(p + "attn_norm.weight"), c.n_embd);
+        L.wq = matrix(find(p + "attn_q.weight"), c.n_embd, q_dim);
+        L.wk = matrix(find(p + "attn_k.weight"), c.n_embd, kv_dim);
+        L.wv = matrix(find(p + "attn_v.weight"), c.n_embd, kv_dim);
+        L.wo = matrix(find(p + "attn_output.weight"), q_dim, c.n_embd);
+        L.ffn_norm = vector(find(p + "ffn_norm.weight"), c.n_embd);
+        L.w_gate = matrix(find(p + "ffn_gate.weight"), c.n_embd, c.n_ff);
+        L.w_up = matrix(find(p + "ffn_up.weight"), c.n_embd, c.n_ff);
+        L.w_down = matrix(find(p + "ffn_down.weight"), c.n_ff, c.n_embd);
+    }
+
+    // RoPE frequencies, "normal" (interleaved) convention: pair j = (x[2j], x[2j+1]) turns by
+    // pos * freq_scale * base^(-2j / n_rot) / factor[j]; rope_freqs.weight (optional) holds factor[j].
+    const float* freq_factors = nullptr;
+    if (const GGUFTensorInfo* rf = r.find_tensor("rope_freqs.weight")) {
+        freq_factors = vector(*rf, c.n_rot / 2);
+        has_rope_freq_factors_ = true;
+    }
+    rope_inv_freq_.resize(c.n_rot / 2);
+    for (int j = 0; j < c.n_rot / 2; ++j) {
+        double f = c.rope_freq_scale * std::pow(static_cast<double>(c.rope_freq_base), -2.0 * j / c.n_rot);
+        if (freq_factors) f /= freq_factors[j];
+        rope_inv_freq_[j] = static_cast<float>(f);
+    }
+}
+
+void Model::allocate_state() {
+    const ModelConfig& c = config_;
+    const int64_t nb = params_.n_batch;
+    const int64_t q_dim = static_cast<int64_t>(c.n_head) * c.head_dim;
+    const int64_t kv_dim = static_cast<int64_t>(c.n_head_kv) * c.head_dim;
+
+    kv_elem_bytes_ = params_.kv_f16 ? 2 : 4;
+    const size_t kv_bytes = static_cast<size_t>(gpu_begin_) * n_ctx_ * kv_dim * kv_elem_bytes_;  // CPU blocks only
+    k_cache_.assign(kv_bytes, 0);
+    v_cache_.assign(kv_bytes, 0);
+    tokens_.reserve(n_ctx_);
+
+    x_.assign(nb * c.n_embd, 0.0f);
+    xb_.assign(nb * c.n_embd, 0.0f);
+    q_.assign(nb * q_dim, 0.0f);
+    k_.assign(nb * kv_dim, 0.0f);
+    v_.assign(nb * kv_dim, 0.0f);
+    att_out_.assign(nb * q_dim, 0.0f);
+    hb_.assign(nb * c.n_ff, 0.0f);
+    hb2_.assign(nb * c.n_ff, 0.0f);
+    att_.assign(static_cast<size_t>(pool_->size()) * (n_ctx_ + c.head_dim), 0.0f);
+    rope_cs_.assign(nb * c.n_rot, 0.0f);
+
+    size_t act = cpu::act_scratch_bytes(output.type, c.n_embd, nb);
+    for (const Layer& L : layers_) {
+        for (const WeightView* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) {
+            act = std::max(act, cpu::act_scratch_bytes(w->type, w->n_in, nb));
+        }
+    }
+    act_scratch_.assign(act, 0);
+}
+
+MemoryFootprint Model::memory_footprint() const {
+    MemoryFootprint f;
+    f.weights_mapped = weights_mapped_;
+    for (const auto& o : owned_) f.weights_owned += o.size();
+    f.kv_cpu = k_cache_.size() + v_cache_.size();
+    size_t floats = x_.size() + xb_.size() + q_.size() + k_.size() + v_.size() + att_out_.size() + hb_.size() +
+                    hb2_.size() + att_.size() + rope_cs_.size();
+    f.scratch_cpu = floats * sizeof(float) + act_scratch_.size();
+    // The backend reports one total; split it with the same per-part sizes it allocates.
+    const uint64_t gpu_total = gpu_bytes();
+    if (gpu_total > 0) {
+        const int64_t kv_dim = static_cast<int64_t>(config_.n_head_kv) * config_.head_dim;
+        f.kv_gpu = static_cast<uint64_t>(config_.n_layer - gpu_begin_) * 2 * n_ctx_ * kv_dim * 2;  // fp16 K and V
+        for (int l = gpu_begin_; l < config_.n_layer; ++l) {
+            const Layer& L = layers_[l];
+            for (const WeightView* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) {
+                f.weights_gpu += w->n_out * w->row_bytes;
+            }
+        }
+        if (gpu_output_) f.weights_gpu += output.n_out * output.row_bytes;
+        f.scratch_gpu = gpu_total > f.kv_gpu + f.weights_gpu ? gpu_total - f.kv_gpu - f.weights_gpu : 0;
+    }
+    return f;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// the cache interface
+
+void Model::truncate(int n_keep) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (n_keep < 0 || n_keep > n_past()) {
+        throw Error("truncate(" + std::to_string(n_keep) + "): n_keep must be between 0 and n_past (" +
+                    std::to_string(n_past()) + ")");
+    }
+    truncate_gpu(n_keep);
+    tokens_.resize(n_keep);  // entries past n_keep are simply overwritten by later evals
+}
+
+void Model::eval(const int32_t* tokens, int n, float* logits, bool all_logits) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    // Every check comes before any state changes, so a failed call leaves the model as it was.
+    if (n <= 0 || tokens == nullptr) throw Error("eval needs at least one token");
+    if (logits == nullptr) throw Error("eval needs an output buffer for the logits");
+    for (int i = 0; i < n; ++i) {
+        if (tokens[i] < 0 || tokens[i] >= config_.n_vocab) {
+            throw Error("token id " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
+                        " is out of range for a vocabulary of " + std::to_string(config_.n_vocab));
+        }
+    }
+    if (static_cast<int64_t>(n_past()) + n > n_ctx_) {
+        throw Error("the context is full: " + std::to_string(n_past()) + " cached + " + std::to_string(n) +
+                    " new tokens > n_ctx " + std::to_string(n_ctx_) +
+                    "; reset the model, shorten the prompt, or load with a larger n_ctx");
+    }
+    if (reader_->file_changed_on_disk()) {
+        throw Error("'" + reader_->path() + "' was replaced or truncated on disk after it was loaded; load it again");
+    }
+
+    const int n_vocab = config_.n_vocab;
+    for (int done = 0; done < n;) {
+        const int nc = std::min(params_.n_batch, n - done);
+        const int pos0 = n_past();
+        embed(tokens + done, nc, x_.data());
+        forward_layers_cpu(0, gpu_begin_, x_.data(), nc, pos0);
+        forward_layers_gpu(x_.data(), nc, pos0);
+        auto head = [&](const float* x, int rows, float* out) {
+            if (gpu_output_) output_head_gpu(x, rows, out);
+            else output_head(x, rows, out);
+        };
+        if (all_logits) {
+            head(x_.data(), nc, logits + static_cast<int64_t>(done) * n_vocab);
+        } else if (done + nc == n) {
+            head(x_.data() + static_cast<int64_t>(nc - 1) * config_.n_embd, 1, logits);
+        }
+        // Only now is the chunk part of the cache.
+        tokens_.insert(tokens_.end(), tokens + done, tokens + done + nc);
+        done += nc;
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// the forward pass
+
+// x (n, n_embd) = rows of token_embd.
+void Model::embed(const int32_t* tokens, int n, float* x) {
+    for (int i = 0; i < n; ++i) {
+        const uint8_t* row = token_embd.data + static_cast<size_t>(tokens[i]) * token_embd.row_bytes;
+        dequantize_row(token_embd.type, row, x + static_cast<int64_t>(i) * config_.n_embd, config_.n_embd);
+    }
+}
+
+// Rotate the first n_rot dims of every head of vec (n, n_heads * head_dim) by its position.
+void Model::apply_rope(float* vec, int n_heads, int n, int pos0) {
+    const ModelConfig& c = config_;
+    for (int i = 0; i < n; ++i) {
+        const float* cs = rope_cs_.data() + static_cast<int64_t>(i) * c.n_rot;
+        for (int h = 0; h < n_heads; ++h) {
+            float* v = vec + (static_cast<int64_t>(i) * n_heads + h) * c.head_dim;
+            for (int j = 0; j < c.n_rot / 2; ++j) {
+                const float x0 = v[2 * j], x1 = v[2 * j + 1];
+                const float cos_t = cs[2 * j], sin_t = cs[2 * j + 1];
+                v[2 * j] = x0 * cos_t - x1 * sin_t;
+                v[2 * j + 1] = x0 * sin_t + x1 * cos_t;
+            }
+        }
+    }
+}
+
+// Causal grouped-query attention for the chunk's n tokens (queries q_, keys and values already in the
+// cache at positions 0 .. pos0+n-1) into att_out_ (n, n_head * head_dim).
+void Model::attention(int layer, int n, int pos0) {
+    const ModelConfig& c = config_;
+    const cpu::Kernels& kr = cpu::kernels();
+    const int hd = c.head_dim;
+    const int64_t q_dim = static_cast<int64_t>(c.n_head) * hd;
+    const int64_t kv_dim = static_cast<int64_t>(c.n_head_kv) * hd;
+    const int group = c.n_head / c.n_head_kv;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    const size_t row_bytes = kv_dim * kv_elem_bytes_;
+    const uint8_t* kc = k_cache_.data() + static_cast<size_t>(layer) * n_ctx_ * row_bytes;
+    const uint8_t* vc = v_cache_.data() + static_cast<size_t>(layer) * n_ctx_ * row_bytes;
+    const bool f16 = params_.kv_f16;
+    const int64_t n_items = static_cast<int64_t>(n) * c.n_head;
+
+    pool_->run([&](int ith, int nth) {
+        float* scores = att_.data() + static_cast<size_t>(ith) * (n_ctx_ + hd);  // (n_ctx)
+        float* vrow = scores + n_ctx_;                                           // (head_dim)
+        const int64_t per = (n_items + nth - 1) / nth;
+        const int64_t begin = std::min<int64_t>(n_items, ith * per), end = std::min<int64_t>(n_items, begin + per);
+        for (int64_t item = begin; item < end; ++item) {
+            const int i = static_cast<int>(item / c.n_head), h = static_cast<int>(item % c.n_head);
+            const int n_kv = pos0 + i + 1;  // causal: this token sees positions 0 .. pos0+i
+            const size_t off = static_cast<size_t>(h / group) * hd * kv_elem_bytes_;
+            const float* q = q_.data() + i * q_dim + static_cast<int64_t>(h) * hd;
+
+            float max_score = -INFINITY;
+            if (f16) {
+                for (int t = 0; t < n_kv; t += cpu::kTileRows) {
+                    const int rows = std::min(cpu::kTileRows, n_kv - t);
+                    kr.dot_f16(hd, kc + t * row_bytes + off, row_bytes, rows, q, 0, 1, scores + t, 0);
+                }
+            } else {
+                for (int t = 0; t < n_kv; ++t) {
+                    scores[t] = kr.dot_f32_f32(q, reinterpret_cast<const float*>(kc + t * row_bytes + off), hd);
+                }
+            }
+            for (int t = 0; t < n_kv; ++t) {
+                scores[t] *= scale;
+                max_score = std::max(max_score, scores[t]);
+            }
+            float sum = 0.0f;
+            for (int t = 0; t < n_kv; ++t) {
+                scores[t] = std::exp(scores[t] - max_score);
+                sum += scores[t];
+            }
+            const float inv_sum = 1.0f / sum;
+
+            float* out = att_out_.data() + i * q_dim + static_cast<int64_t>(h) * hd;
+            std::fill(out, out + hd, 0.0f);
+            for (int t = 0; t < n_kv; ++t) {
+                const uint8_t* vsrc = vc + t * row_bytes + off;
+                const float* v = reinterpret_cast<const float*>(vsrc);
+                if (f16) {
+                    dequantize_row(QType::F16, vsrc, vrow, hd);
+                    v = vrow;
+                }
+                kr.axpy_f32(out, scores[t] * inv_sum, v, hd);
+            }
+        }
+    });
+}
+
+// The transformer blocks [layer_begin, layer_end) on the CPU: x (n, n_embd) in, x out.
+void Model::forward_layers_cpu(int layer_begin, int layer_end, float* x, int n, int pos0) {
+    const ModelConfig& c = config_;
+    const cpu::Kernels& kr = cpu::kernels();
+    ThreadPool& pool = *pool_;
+    void* scratch = act_scratch_.data();
+    const int64_t kv_dim = static_cast<int64_t>(c.n_head_kv) * c.head_dim;
+    auto mm = [&](const WeightView& w, const float* in, float* out) {
+        cpu::matmul(w.type, w.data, w.row_bytes, w.n_out, w.n_in, in, n, out, scratch, pool);
+    };
+
+    // cos/sin of every position of the chunk, shared by all heads and layers: (n, n_rot/2 pairs).
+    for (int i = 0; i < n; ++i) {
+        float* cs = rope_cs_.data() + static_cast<int64_t>(i) * c.n_rot;
+        for (int j = 0; j < c.n_rot / 2; ++j) {
+            const double theta = static_cast<double>(pos0 + i) * rope_inv_freq_[j];
+            cs[2 * j] = static_cast<float>(std::cos(theta));
+            cs[2 * j + 1] = static_cast<float>(std::sin(theta));
+        }
+    }
+
+    for (int l = layer_begin; l < layer_end; ++l) {
+        const Layer& L = layers_[l];
+
+        // attention: xb = rmsnorm(x); q, k, v = xb @ Wq, Wk, Wv; rope(q, k); cache k, v; x += attn @ Wo
+        for (int i = 0; i < n; ++i) {
+            kr.rmsnorm(xb_.data() + i * c.n_embd, x + i * c.n_embd, L.attn_norm, c.n_embd, c.rms_eps);
+        }
+        mm(L.wq, xb_.data(), q_.data());
+        mm(L.wk, xb_.data(), k_.data());
+        mm(L.wv, xb_.data(), v_.data());
+        apply_rope(q_.data(), c.n_head, n, pos0);
+        apply_rope(k_.data(), c.n_head_kv, n, pos0);
+
+        const size_t row_bytes = kv_dim * kv_elem_bytes_;
+        uint8_t* kc = k_cache_.data() + (static_cast<size_t>(l) * n_ctx_ + pos0) * row_bytes;
+        uint8_t* vc = v_cache_.data() + (static_cast<size_t>(l) * n_ctx_ + pos0) * row_bytes;
+        if (params_.kv_f16) {
+            uint16_t* kh = reinterpret_cast<uint16_t*>(kc);
+            uint16_t* vh = reinterpret_cast<uint16_t*>(vc);
+            for (int64_t e = 0; e < n * kv_dim; ++e) {
+                kh[e] = fp32_to_fp16(k_[e]);
+                vh[e] = fp32_to_fp16(v_[e]);
+            }
+        } else {
+            std::memcpy(kc, k_.data(), n * row_bytes);
+            std::memcpy(vc, v_.data(), n * row_bytes);
+        }
+
+        attention(l, n, pos0);
+        mm(L.wo, att_out_.data(), xb_.data());
+        for (int64_t e = 0; e < n * c.n_embd; ++e) x[e] += xb_[e];
+
+        // feed-forward (SwiGLU): x += (silu(xb @ Wgate) * (xb @ Wup)) @ Wdown, xb = rmsnorm(x)
+        for (int i = 0; i < n; ++i) {
+            kr.rmsnorm(xb_.data() + i * c.n_embd, x + i * c.n_embd, L.ffn_norm, c.n_embd, c.rms_eps);
+        }
+        mm(L.w_gate, xb_.data(), hb_.data());
+        mm(L.w_up, xb_.data(), hb2_.data());
+        kr.silu_mul(hb_.data(), hb_.data(), hb2_.data(), static_cast<int64_t>(n) * c.n_ff);
+        mm(L.w_down, hb_.data(), xb_.data());
+        for (int64_t e = 0; e < n * c.n_embd; ++e) x[e] += xb_[e];
+    }
+}
+
+// logits (n, n_vocab) = rmsnorm(x) @ output^T for the n rows of x.
+void Model::output_head(const float* x, int n, float* logits) {
+    const ModelConfig& c = config_;
+    const cpu::Kernels& kr = cpu::kernels();
+    for (int i = 0; i < n; ++i) {
+        kr.rmsnorm(xb_.data() + i * c.n_embd, x + i * c.n_embd, output_norm, c.n_embd, c.rms_eps);
+    }
+    cpu::matmul(output.type, output.data, output.row_bytes, output.n_out, output.n_in, xb_.data(), n, logits,
+                act_scratch_.data(), *pool_);
+}
+
+}  // namespace lowbit

@@ -1,3 +1,157 @@
-// placeholder
+// Python entry points to the CPU kernels (ISA choice, activation quantizer, matmul, layer ops) for tests and benchmarks.
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
 #include "bindings.h"
-void bind_kernels(py::module_& m) {}
+#include "lowbit/kernels.h"
+#include "lowbit/threads.h"
+#include "lowbit/types.h"
+
+namespace {
+
+using lowbit::Error;
+namespace cpu = lowbit::cpu;
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+// One pool per thread count, kept for the life of the module (creating threads per call would dominate
+// the benchmarks).
+lowbit::ThreadPool& pool_for(int n_threads) {
+    static std::mutex mu;
+    static std::map<int, std::unique_ptr<lowbit::ThreadPool>> pools;
+    if (n_threads <= 0) n_threads = lowbit::ThreadPool::hardware_threads();
+    std::lock_guard<std::mutex> lock(mu);
+    auto& p = pools[n_threads];
+    if (!p) p = std::make_unique<lowbit::ThreadPool>(n_threads);
+    return *p;
+}
+
+cpu::Isa isa_from_name(const std::string& name) {
+    cpu::Isa isa;
+    if (!cpu::parse_isa(name.c_str(), &isa)) {
+        throw Error("unknown ISA '" + name + "': use one of generic, avx2, avx512, neon");
+    }
+    return isa;
+}
+
+lowbit::QType qtype_from(const py::object& t) {
+    const uint32_t id = py::int_(t).cast<uint32_t>();
+    const auto q = static_cast<lowbit::QType>(id);
+    if (!cpu::matmul_supported(q)) {
+        throw Error("type id " + std::to_string(id) + " has no CPU matmul kernel (F32, F16, BF16, Q4_0, Q4_1, Q8_0, NF4)");
+    }
+    return q;
+}
+
+size_t weight_row_bytes(lowbit::QType t, int64_t k) {
+    switch (t) {
+        case lowbit::QType::F32: return static_cast<size_t>(k) * 4;
+        case lowbit::QType::F16:
+        case lowbit::QType::BF16: return static_cast<size_t>(k) * 2;
+        case lowbit::QType::Q4_0: return static_cast<size_t>(k / 32) * sizeof(block_q4_0);
+        case lowbit::QType::Q4_1: return static_cast<size_t>(k / 32) * sizeof(block_q4_1);
+        case lowbit::QType::Q8_0: return static_cast<size_t>(k / 32) * sizeof(block_q8_0);
+        case lowbit::QType::NF4: return static_cast<size_t>(k / 64) * sizeof(block_nf4);
+        default: throw Error("no row size for this type");
+    }
+}
+
+py::tuple quantize_act(const FloatArray& x) {
+    if (x.ndim() != 1 || x.shape(0) % 32 != 0) throw Error("quantize_act: x must be 1-D with a length divisible by 32");
+    const int64_t k = x.shape(0), nb = k / 32;
+    std::vector<block_q8_act> blocks(static_cast<size_t>(nb));
+    {
+        py::gil_scoped_release nogil;
+        cpu::kernels().quantize_act(x.data(), blocks.data(), k);
+    }
+    py::array_t<float> d(nb), s(nb);
+    py::array_t<int8_t> qs({nb, static_cast<int64_t>(32)});
+    auto dm = d.mutable_unchecked<1>();
+    auto sm = s.mutable_unchecked<1>();
+    auto qm = qs.mutable_unchecked<2>();
+    for (int64_t b = 0; b < nb; ++b) {
+        dm(b) = blocks[b].d;
+        sm(b) = blocks[b].s;
+        for (int j = 0; j < 32; ++j) qm(b, j) = blocks[b].qs[j];
+    }
+    return py::make_tuple(d, s, qs);
+}
+
+py::array_t<float> matmul(const py::object& qtype, const py::buffer& w, int64_t n_out, int64_t k, const FloatArray& x,
+                          int n_threads) {
+    const lowbit::QType t = qtype_from(qtype);
+    if (n_out <= 0 || k <= 0) throw Error("matmul: n_out and k must be positive");
+    if (x.size() % k != 0) throw Error("matmul: x has " + std::to_string(x.size()) + " elements, not a multiple of k");
+    const int64_t n_tok = x.size() / k;
+    py::buffer_info wb = w.request();
+    const size_t row_bytes = weight_row_bytes(t, k);
+    const size_t need = row_bytes * static_cast<size_t>(n_out);
+    const size_t have = static_cast<size_t>(wb.size) * static_cast<size_t>(wb.itemsize);
+    if (have != need) {
+        throw Error("matmul: weights have " + std::to_string(have) + " bytes, expected " + std::to_string(need) +
+                    " for (" + std::to_string(n_out) + ", " + std::to_string(k) + ")");
+    }
+    std::vector<uint8_t> scratch(cpu::act_scratch_bytes(t, k, n_tok) + 64);
+    py::array_t<float> y({n_tok, n_out});
+    float* yp = y.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        cpu::matmul(t, wb.ptr, row_bytes, n_out, k, x.data(), n_tok, yp, scratch.data(), pool_for(n_threads));
+    }
+    return y;
+}
+
+}  // namespace
+
+void bind_kernels(py::module_& m) {
+    m.def("kernels_available", [] {
+        std::vector<std::string> out;
+        for (auto isa : {cpu::Isa::Generic, cpu::Isa::AVX2, cpu::Isa::AVX512, cpu::Isa::NEON}) {
+            if (cpu::kernels_for(isa)) out.emplace_back(cpu::isa_name(isa));
+        }
+        return out;
+    }, "Names of the CPU kernel tables this build and CPU can run.");
+    m.def("compiled_isas", [] { return std::string(cpu::compiled_isas()); }, "ISAs compiled into this build.");
+    m.def("set_isa", [](const std::string& name) { cpu::set_isa(isa_from_name(name)); },
+          "Force a kernel table (tests, benchmarks).", py::arg("name"));
+    m.def("reset_isa", &cpu::reset_isa, "Back to LOWBIT_ISA or the best table for this CPU.");
+    m.def("active_isa", [] { return std::string(cpu::kernels().name); }, "Name of the kernel table in use.");
+    m.def("quantize_act", &quantize_act, "x (k,) float32 -> (d (nb,), s (nb,), qs (nb, 32) int8) with the active ISA.",
+          py::arg("x"));
+    m.def("act_block_bytes", [] { return sizeof(block_q8_act); });
+    m.def("matmul", &matmul,
+          "Y (n_tok, n_out) = X (n_tok, k) @ W^T, W (n_out, k) as raw rows of type qtype, on the active ISA.",
+          py::arg("qtype"), py::arg("w"), py::arg("n_out"), py::arg("k"), py::arg("x"), py::arg("n_threads") = 1);
+    m.def("rmsnorm", [](const FloatArray& x, const FloatArray& weight, float eps) {
+        if (x.ndim() != 1 || weight.ndim() != 1 || x.shape(0) != weight.shape(0)) {
+            throw Error("rmsnorm: x and weight must be 1-D of the same length");
+        }
+        py::array_t<float> out(x.shape(0));
+        cpu::kernels().rmsnorm(out.mutable_data(), x.data(), weight.data(), x.shape(0), eps);
+        return out;
+    }, py::arg("x"), py::arg("weight"), py::arg("eps"));
+    m.def("silu_mul", [](const FloatArray& gate, const FloatArray& up) {
+        if (gate.ndim() != 1 || up.ndim() != 1 || gate.shape(0) != up.shape(0)) {
+            throw Error("silu_mul: gate and up must be 1-D of the same length");
+        }
+        py::array_t<float> out(gate.shape(0));
+        cpu::kernels().silu_mul(out.mutable_data(), gate.data(), up.data(), gate.shape(0));
+        return out;
+    }, py::arg("gate"), py::arg("up"));
+    m.def("dot_f32", [](const FloatArray& a, const FloatArray& b) {
+        if (a.ndim() != 1 || b.ndim() != 1 || a.shape(0) != b.shape(0)) throw Error("dot_f32: need two 1-D arrays of one length");
+        return cpu::kernels().dot_f32_f32(a.data(), b.data(), a.shape(0));
+    }, py::arg("a"), py::arg("b"));
+    m.def("axpy_f32", [](const FloatArray& y, float a, const FloatArray& x) {
+        if (x.ndim() != 1 || y.ndim() != 1 || x.shape(0) != y.shape(0)) throw Error("axpy_f32: need two 1-D arrays of one length");
+        py::array_t<float> out(y.shape(0));
+        std::copy(y.data(), y.data() + y.shape(0), out.mutable_data());
+        cpu::kernels().axpy_f32(out.mutable_data(), a, x.data(), x.shape(0));
+        return out;
+    }, "Returns y + a * x (y is not modified).", py::arg("y"), py::arg("a"), py::arg("x"));
+}

@@ -1,3 +1,145 @@
-// placeholder
+// lowbit._core.Model and lowbit._core.Sampler: the C++ runtime for Python (eval releases the GIL).
 #include "bindings.h"
-void bind_model(py::module_& m) {}
+
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "lowbit/model.h"
+#include "lowbit/sampler.h"
+
+namespace {
+
+using lowbit::Model;
+using lowbit::Sampler;
+using IntArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+std::vector<int32_t> to_vector(const IntArray& a) {
+    if (a.ndim() != 1) throw lowbit::Error("token ids must be a 1-D sequence of integers");
+    return std::vector<int32_t>(a.data(), a.data() + a.size());
+}
+
+py::dict config_dict(const lowbit::ModelConfig& c) {
+    py::dict d;
+    d["architecture"] = c.architecture;
+    d["name"] = c.name;
+    d["n_vocab"] = c.n_vocab;
+    d["n_ctx_train"] = c.n_ctx_train;
+    d["n_embd"] = c.n_embd;
+    d["n_layer"] = c.n_layer;
+    d["n_ff"] = c.n_ff;
+    d["n_head"] = c.n_head;
+    d["n_head_kv"] = c.n_head_kv;
+    d["head_dim"] = c.head_dim;
+    d["n_rot"] = c.n_rot;
+    d["rope_freq_base"] = c.rope_freq_base;
+    d["rope_freq_scale"] = c.rope_freq_scale;
+    d["rms_eps"] = c.rms_eps;
+    d["tied_embeddings"] = c.tied_embeddings;
+    return d;
+}
+
+}  // namespace
+
+void bind_model(py::module_& m) {
+    py::class_<Model>(m, "Model", "A loaded LLaMA-family GGUF model with its KV cache (see lowbit.Model).")
+        .def(py::init([](const std::string& path, int n_ctx, int n_threads, int n_batch, int n_gpu_layers,
+                         bool kv_f16) {
+                 lowbit::ModelParams p;
+                 p.n_ctx = n_ctx;
+                 p.n_threads = n_threads;
+                 p.n_batch = n_batch;
+                 p.n_gpu_layers = n_gpu_layers;
+                 p.kv_f16 = kv_f16;
+                 py::gil_scoped_release release;
+                 return Model::load(path, p);
+             }),
+             py::arg("path"), py::arg("n_ctx") = 0, py::arg("n_threads") = 0, py::arg("n_batch") = 512,
+             py::arg("n_gpu_layers") = 0, py::arg("kv_f16") = false)
+        .def(
+            "eval",
+            [](Model& self, const IntArray& tokens, bool all_logits) {
+                std::vector<int32_t> ids = to_vector(tokens);
+                const int n_vocab = self.config().n_vocab;
+                py::array_t<float> out = all_logits
+                    ? py::array_t<float>({static_cast<py::ssize_t>(ids.size()), static_cast<py::ssize_t>(n_vocab)})
+                    : py::array_t<float>({static_cast<py::ssize_t>(n_vocab)});
+                float* dst = out.mutable_data();
+                {
+                    py::gil_scoped_release release;
+                    self.eval(ids.data(), static_cast<int>(ids.size()), dst, all_logits);
+                }
+                return out;
+            },
+            py::arg("tokens"), py::arg("all_logits") = false,
+            "Evaluate tokens after the cached ones; returns the last token's logits (n_vocab,) or all (n, n_vocab).")
+        .def("truncate", &Model::truncate, py::arg("n_keep"), "Drop cached positions >= n_keep.")
+        .def_property_readonly("n_past", &Model::n_past)
+        .def_property_readonly("n_ctx", &Model::n_ctx)
+        .def_property_readonly("n_vocab", [](const Model& self) { return self.config().n_vocab; })
+        .def_property_readonly("n_threads", [](const Model& self) { return self.params().n_threads; })
+        .def_property_readonly("path", &Model::path)
+        .def_property_readonly("tokens", [](const Model& self) {
+            const auto& t = self.tokens();
+            return py::array_t<int32_t>(static_cast<py::ssize_t>(t.size()), t.data());
+        })
+        .def_property_readonly("config", [](const Model& self) { return config_dict(self.config()); })
+        .def("memory_footprint", [](const Model& self) {
+            lowbit::MemoryFootprint f = self.memory_footprint();
+            py::dict d;
+            d["weights_mapped"] = f.weights_mapped;
+            d["weights_owned"] = f.weights_owned;
+            d["kv_cpu"] = f.kv_cpu;
+            d["scratch_cpu"] = f.scratch_cpu;
+            d["weights_gpu"] = f.weights_gpu;
+            d["kv_gpu"] = f.kv_gpu;
+            d["scratch_gpu"] = f.scratch_gpu;
+            return d;
+        });
+
+    py::class_<Sampler>(m, "Sampler", "Seedable sampler: penalties -> top_k -> top_p -> min_p -> temperature -> draw.")
+        .def(py::init([](float temperature, int top_k, float top_p, float min_p, float repeat_penalty,
+                         int repeat_last_n, uint64_t seed) {
+                 lowbit::SamplerParams p;
+                 p.temperature = temperature;
+                 p.top_k = top_k;
+                 p.top_p = top_p;
+                 p.min_p = min_p;
+                 p.repeat_penalty = repeat_penalty;
+                 p.repeat_last_n = repeat_last_n;
+                 p.seed = seed;
+                 return std::make_unique<Sampler>(p);
+             }),
+             py::arg("temperature") = 0.8f, py::arg("top_k") = 40, py::arg("top_p") = 0.95f,
+             py::arg("min_p") = 0.05f, py::arg("repeat_penalty") = 1.0f, py::arg("repeat_last_n") = 64,
+             py::arg("seed") = 0)
+        .def(
+            "sample",
+            [](Sampler& self, const FloatArray& logits, const IntArray& history) {
+                if (logits.ndim() != 1) throw lowbit::Error("logits must be 1-D (n_vocab,)");
+                std::vector<int32_t> h = to_vector(history);
+                return self.sample(logits.data(), static_cast<int>(logits.size()), h.data(), static_cast<int>(h.size()));
+            },
+            py::arg("logits"), py::arg("history") = IntArray(0))
+        .def(
+            "candidates",
+            [](Sampler& self, const FloatArray& logits, const IntArray& history) {
+                if (logits.ndim() != 1) throw lowbit::Error("logits must be 1-D (n_vocab,)");
+                std::vector<int32_t> h = to_vector(history);
+                self.prepare(logits.data(), static_cast<int>(logits.size()), h.data(), static_cast<int>(h.size()));
+                const auto& c = self.candidates();
+                py::array_t<float> l(static_cast<py::ssize_t>(c.size()));
+                py::array_t<int32_t> ids(static_cast<py::ssize_t>(c.size()));
+                for (size_t i = 0; i < c.size(); ++i) {
+                    l.mutable_data()[i] = c[i].first;
+                    ids.mutable_data()[i] = c[i].second;
+                }
+                return py::make_tuple(ids, l);
+            },
+            py::arg("logits"), py::arg("history") = IntArray(0),
+            "The surviving (ids, logits) after every filtering stage and temperature, for tests.")
+        .def("reseed", &Sampler::reseed, py::arg("seed"));
+}

@@ -22,9 +22,11 @@ from .quants import QType, dequantize, quantize  # noqa: E402
 _LAZY = {
     "GGUFFile": ".gguf",
     "GGUFWriter": ".gguf",
+    "GGUFValueType": ".gguf",
     "load": ".model",
     "Model": ".model",
-    "convert": ".convert",
+    "convert": ".converter",
+    "quantize_file": ".converter",
 }
 
 
@@ -48,7 +50,9 @@ __all__ = [
     "dequantize",
     "GGUFFile",
     "GGUFWriter",
+    "GGUFValueType",
     "load",
     "Model",
     "convert",
+    "quantize_file",
 ]

@@ -1,9 +1,29 @@
-// The CUDA backend's host-side interface. Present in every build; in a build without CUDA
-// (LOWBIT_HAVE_CUDA undefined) only compiled() is meaningful and it returns false.
+// The CUDA backend's host-side interface: device queries, layer offload (Backend) and kernel test hooks.
+//
+// Present in every build. The plain structs and the memory estimates below work everywhere; the device
+// functions and Backend exist only when LOWBIT_HAVE_CUDA is defined (compiled() says which).
+//
+// Runtime semantics (match the CPU path within float tolerance, see kernels.h):
+//   * decode (a few tokens): Q4_0/Q4_1/Q8_0/NF4 weights are dotted with activations quantized to
+//     block_q8_act (int8, fp32 scale, block 32) — dp4a for the integer types — exactly the CPU's scheme;
+//     MatvecMode::FloatAct instead dequantizes weights on the fly against fp32 activations (for benchmarks).
+//     F32/F16/BF16 weights always use fp32 activations.
+//   * prompt (n_tok >= kGemmMinTokens): weight tiles are dequantized to fp16 in shared memory and multiplied
+//     with fp16 activations on tensor cores (WMMA), fp32 accumulation.
+//   * the KV cache is fp16 (llama.cpp's default -ctk/-ctv f16); attention math is fp32.
+//   * RoPE is llama.cpp's "normal" mode: pairs (x[2i], x[2i+1]), i < rope_dim/2, rotated by
+//     pos * freq_scale * base^(-2i/rope_dim); dims past rope_dim pass through.
+//
+// Placement rule (for the model's n_gpu_layers): we follow llama.cpp after PR #18148 — the output layer
+// (output_norm + output.weight) is offloaded first, then the LAST N-1 repeating blocks; the token
+// embedding stays on the CPU. The backend only provides the ops; the model decides the placement.
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "lowbit/types.h"
 
@@ -26,10 +46,191 @@ struct DeviceInfo {
     int compute_minor = 0;
 };
 
+// A weight matrix in host memory (usually a pointer into the mmap): n_rows rows of n_cols elements of
+// `type`, rows contiguous (row r at data + r * row_bytes(type, n_cols)). y = W x maps n_cols -> n_rows.
+// Supported types: F32, F16, BF16, Q4_0, Q4_1, Q8_0, NF4, NF4_DQ (expanded to NF4 blocks on upload).
+struct Matrix {
+    QType type = QType::F32;
+    const void* data = nullptr;
+    int64_t n_rows = 0;  // output features
+    int64_t n_cols = 0;  // input features (a multiple of the block size for quantized types)
+};
+
+// One transformer block's weights, host pointers. Norm weights are fp32 vectors of n_embd.
+struct LayerWeights {
+    const float* attn_norm = nullptr;  // (n_embd)
+    Matrix wq;                         // (n_head * head_dim, n_embd)
+    Matrix wk;                         // (n_head_kv * head_dim, n_embd)
+    Matrix wv;                         // (n_head_kv * head_dim, n_embd)
+    Matrix wo;                         // (n_embd, n_head * head_dim)
+    const float* ffn_norm = nullptr;   // (n_embd)
+    Matrix w_gate;                     // (n_ff, n_embd)
+    Matrix w_up;                       // (n_ff, n_embd)
+    Matrix w_down;                     // (n_embd, n_ff)
+};
+
+enum class MatvecMode : int {
+    Int8Act = 0,   // activations -> block_q8_act, integer dot products (the CPU's semantics; default)
+    FloatAct = 1,  // weights dequantized on the fly, fp32 activations and accumulation
+};
+
+struct BackendConfig {
+    int device = 0;
+    int n_embd = 0;
+    int n_head = 0;
+    int n_head_kv = 0;
+    int head_dim = 0;   // <= 256
+    int n_ff = 0;
+    int n_ctx = 0;      // KV cache positions per layer
+    float rms_eps = 1e-5f;
+    float rope_freq_base = 10000.0f;
+    float rope_freq_scale = 1.0f;
+    int rope_dim = 0;   // 0: head_dim
+    MatvecMode matvec = MatvecMode::Int8Act;
+};
+
+// Prompt chunks of at least this many tokens use the tensor-core GEMM; fewer use the matvec kernels.
+constexpr int kGemmMinTokens = 4;
+
+// Bytes one row of n_cols elements occupies on the device (NF4_DQ counts as plain NF4 blocks).
+// Throws Error for unsupported types or n_cols that is not a multiple of the block size.
+inline size_t device_row_bytes(QType type, int64_t n_cols) {
+    int64_t block = 1;
+    size_t bytes = 0;
+    switch (type) {
+        case QType::F32: bytes = 4; break;
+        case QType::F16: bytes = 2; break;
+        case QType::BF16: bytes = 2; break;
+        case QType::Q4_0: block = QK4_0; bytes = sizeof(block_q4_0); break;
+        case QType::Q4_1: block = QK4_1; bytes = sizeof(block_q4_1); break;
+        case QType::Q8_0: block = QK8_0; bytes = sizeof(block_q8_0); break;
+        case QType::NF4:
+        case QType::NF4_DQ: block = QK_NF4; bytes = sizeof(block_nf4); break;
+        default:
+            throw Error("CUDA backend: weight type id " + std::to_string(static_cast<uint32_t>(type)) +
+                        " is not supported on the GPU (use F32, F16, BF16, Q4_0, Q4_1, Q8_0 or NF4)");
+    }
+    if (n_cols <= 0 || n_cols % block != 0) {
+        throw Error("CUDA backend: a row of " + std::to_string(n_cols) + " elements is not a positive multiple of " +
+                    "the block size " + std::to_string(block) + " of weight type id " +
+                    std::to_string(static_cast<uint32_t>(type)));
+    }
+    return static_cast<size_t>(n_cols / block) * bytes;
+}
+
+namespace detail {
+inline size_t round256(size_t n) { return (n + 255) / 256 * 256; }
+}  // namespace detail
+
+// Device bytes of one matrix as uploaded (each allocation piece is rounded up to 256 bytes).
+inline size_t matrix_bytes(const Matrix& m) {
+    return detail::round256(static_cast<size_t>(m.n_rows) * device_row_bytes(m.type, m.n_cols));
+}
+
+// Weights + fp16 KV cache (n_ctx positions) of one block on the device.
+inline size_t estimate_layer_bytes(const BackendConfig& cfg, const LayerWeights& w) {
+    size_t norms = 2 * detail::round256(static_cast<size_t>(cfg.n_embd) * sizeof(float));
+    size_t mats = matrix_bytes(w.wq) + matrix_bytes(w.wk) + matrix_bytes(w.wv) + matrix_bytes(w.wo) +
+                  matrix_bytes(w.w_gate) + matrix_bytes(w.w_up) + matrix_bytes(w.w_down);
+    // K and V: (n_ctx, n_head_kv * head_dim) fp16 each.
+    size_t kv = 2 * detail::round256(static_cast<size_t>(cfg.n_ctx) * cfg.n_head_kv * cfg.head_dim * 2);
+    return norms + mats + kv;
+}
+
+// Activation buffers for chunks of n_batch tokens (independent of the number of layers).
+inline size_t estimate_scratch_bytes(const BackendConfig& cfg, int n_batch) {
+    const size_t nb = static_cast<size_t>(n_batch);
+    const size_t q_dim = static_cast<size_t>(cfg.n_head) * cfg.head_dim;
+    const size_t kv_dim = static_cast<size_t>(cfg.n_head_kv) * cfg.head_dim;
+    size_t max_k = static_cast<size_t>(cfg.n_embd);
+    if (q_dim > max_k) max_k = q_dim;
+    if (static_cast<size_t>(cfg.n_ff) > max_k) max_k = static_cast<size_t>(cfg.n_ff);
+    using detail::round256;
+    return 2 * round256(nb * cfg.n_embd * 4)            // x, normed x
+           + 2 * round256(nb * q_dim * 4)               // q, attention output
+           + 2 * round256(nb * kv_dim * 4)              // k, v
+           + 2 * round256(nb * cfg.n_ff * 4)            // gate, up
+           + round256(nb * (max_k / 32 + 1) * sizeof(block_q8_act))  // quantized activations
+           + round256(static_cast<size_t>(cfg.head_dim) * 4);       // RoPE inverse frequencies
+}
+
+// The output head: norm + matrix, plus logits for chunks of up to kOutputChunk tokens.
+constexpr int kOutputChunk = 64;
+inline size_t estimate_output_bytes(const BackendConfig& cfg, const Matrix& output) {
+    return detail::round256(static_cast<size_t>(cfg.n_embd) * 4) + matrix_bytes(output) +
+           detail::round256(static_cast<size_t>(kOutputChunk) * output.n_rows * 4);
+}
+
 #ifdef LOWBIT_HAVE_CUDA
 // Number of usable devices; 0 (and the driver's reason in *error) when there is no driver or GPU.
 int device_count(std::string* error);
 DeviceInfo device_info(int device);
+
+// Transformer blocks resident on one GPU, with their KV cache. Not thread-safe: one caller at a time.
+class Backend {
+public:
+    // Allocates the activation scratch for chunks of n_batch tokens. Throws Error with a clear message
+    // when there is no usable device, the config is inconsistent, or the GPU is out of memory.
+    Backend(const BackendConfig& cfg, int n_batch);
+    ~Backend();
+    Backend(const Backend&) = delete;
+    Backend& operator=(const Backend&) = delete;
+
+    // Uploads one block's weights (once) and allocates its KV cache; returns its index (0, 1, ...).
+    // Shapes are checked against the config. The host memory may be released afterwards.
+    int add_layer(const LayerWeights& w);
+    int n_layers() const;
+
+    // Runs blocks [first, last) on hidden states x, host (n_tok, n_embd) fp32, in place, for positions
+    // n_past .. n_past + n_tok - 1: one host->device copy in, one device->host copy out per chunk of
+    // n_batch tokens. Each block must already hold positions 0 .. n_past - 1 in its cache.
+    void forward(int first, int last, float* x, int n_tok, int n_past);
+
+    // Output head on the GPU: uploads output_norm (n_embd fp32) and the output matrix (n_vocab, n_embd).
+    void set_output(const float* output_norm, const Matrix& output);
+    bool has_output() const;
+    int64_t n_vocab() const;  // rows of the output matrix; 0 before set_output
+    // logits (n_tok, n_vocab) = output(rmsnorm(x) * output_norm) for host x (n_tok, n_embd).
+    void output(const float* x, int n_tok, float* logits);
+
+    // Forget cached positions >= n_keep in every block (positions are recomputed by the next forward).
+    void truncate(int n_keep);
+    // Positions currently cached in block `layer`.
+    int n_cached(int layer) const;
+
+    size_t device_bytes() const;  // everything this backend allocated on the device
+    DeviceInfo info() const;
+    const BackendConfig& config() const;
+
+private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+// Kernel-level entry points for tests and benchmarks: host buffers in and out, one device round trip
+// each. Not for the hot path.
+namespace testing {
+// n elements of type t (n a multiple of the block size) -> fp32 / fp16 bits.
+void dequantize(QType t, const void* src, int64_t n, float* dst);
+void dequantize_f16(QType t, const void* src, int64_t n, uint16_t* dst);
+// x (n_tok, k) -> n_tok * k / 32 activation blocks (k % 32 == 0).
+void quantize_act(const float* x, int64_t n_tok, int64_t k, block_q8_act* dst);
+enum class MatmulPath : int { MatvecInt8 = 0, MatvecFloat = 1, Gemm = 2 };
+// y (n_tok, w.n_rows) = x (n_tok, w.n_cols) @ W^T through one explicit kernel path.
+void matmul(const Matrix& w, const float* x, int64_t n_tok, float* y, MatmulPath path);
+// y (n_rows, n) = x / sqrt(mean(x^2) + eps) * weight.
+void rmsnorm(const float* x, const float* weight, int64_t n_rows, int64_t n, float eps, float* y);
+// x (n_tok, n_heads, head_dim), in place, token t at position pos0 + t.
+void rope(float* x, int n_tok, int n_heads, int head_dim, int rope_dim, int pos0, float freq_base, float freq_scale);
+// q (n_tok, n_head, head_dim) at positions n_past + t; k, v (n_past + n_tok, n_head_kv, head_dim) are
+// stored into an fp16 cache first; out (n_tok, n_head, head_dim). Causal, GQA, scale 1/sqrt(head_dim).
+void attention(const float* q, const float* k, const float* v, int n_tok, int n_past, int n_head, int n_head_kv,
+               int head_dim, float* out);
+// out = silu(gate) * up, n elements.
+void silu_mul(const float* gate, const float* up, int64_t n, float* out);
+// Device-to-device copy bandwidth in bytes/s (cudaMemcpy of `bytes`, median of `reps`).
+double copy_bandwidth(size_t bytes, int reps);
+}  // namespace testing
 #endif
 
 }  // namespace cuda

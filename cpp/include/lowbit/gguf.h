@@ -18,6 +18,24 @@ enum class GGUFType : uint32_t {
 };
 const char* gguf_type_name(GGUFType t);
 
+// Limits the reader and writer enforce (spec/container.md, "Limits"). Every one of them is far above
+// what real models need; they exist so a hostile file cannot make the reader allocate without bound.
+constexpr uint32_t kGGUFMaxDims = 4;                          // ggml's GGML_MAX_DIMS
+constexpr uint64_t kGGUFMaxKeyBytes = 65535;                  // spec: keys are at most 2^16 - 1 bytes
+constexpr uint64_t kGGUFMaxTensorNameBytes = 63;              // ggml: GGML_MAX_NAME (64) including the NUL
+constexpr uint64_t kGGUFMaxStringBytes = 256ull << 20;        // one string value (a tokenizer.json is ~10 MiB)
+constexpr uint64_t kGGUFMaxArrayItems = 1ull << 23;           // one array (vocabularies are ~10^5..10^6)
+constexpr uint64_t kGGUFMaxTotalValues = 1ull << 23;          // all metadata values together (~100 B each in memory)
+constexpr uint64_t kGGUFMaxTensors = 1ull << 20;              // tensor infos (large MoE files have ~10^4)
+constexpr int kGGUFMaxArrayDepth = 8;                         // arrays nested inside arrays
+constexpr uint64_t kGGUFMaxAlignment = 1ull << 20;            // general.alignment upper bound
+constexpr uint32_t kGGUFDefaultAlignment = 32;                // GGUF_DEFAULT_ALIGNMENT
+
+// Bytes of a tensor of type type_id with dims ne (ggml order). Throws Error when the type is unknown,
+// a dim is < 1, there are not 1..4 dims, ne[0] is not a multiple of the block size, or the count
+// overflows.
+uint64_t gguf_tensor_nbytes(uint32_t type_id, const std::vector<int64_t>& ne);
+
 // One metadata value. Scalars use the field matching their type family; arrays keep their element
 // type and items (items may themselves be arrays).
 struct GGUFValue {
@@ -77,6 +95,8 @@ public:
     bool file_changed_on_disk() const;
 
 private:
+    void parse();  // validates the mapped bytes and fills kv_, tensors_, alignment_, data_offset_
+
     std::string path_;
     const uint8_t* base_ = nullptr;
     uint64_t file_size_ = 0;

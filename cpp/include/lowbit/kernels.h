@@ -69,3 +69,15 @@ void matmul(QType wt, const void* w, size_t w_row_bytes, int64_t n_out, int64_t 
 
 }  // namespace cpu
 }  // namespace lowbit
+
+// ---- kernels owner additions
+namespace lowbit {
+namespace cpu {
+
+// "generic" | "avx2" | "avx512" | "neon" -> Isa; false for any other name.
+bool parse_isa(const char* name, Isa* out);
+// Drop a set_isa choice: kernels() goes back to LOWBIT_ISA or the best table for this CPU.
+void reset_isa();
+
+}  // namespace cpu
+}  // namespace lowbit

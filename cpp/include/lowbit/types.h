@@ -94,3 +94,31 @@ void dequantize_nf4_dq(const uint8_t* src, float* y, int64_t n);
 void nf4_dq_to_nf4(const uint8_t* src, block_nf4* dst, int64_t n);
 
 }  // namespace lowbit
+
+// ---- quants owner additions
+namespace lowbit {
+
+// Which quantizer implementation quantize() uses for Q4_0/Q4_1/Q8_0/NF4 rows. All are bit-exact with
+// the *_ref functions; the choice exists so tests and benchmarks can compare them.
+// Auto: LOWBIT_QUANT_ISA (generic|avx2|avx512) if set, else the best this CPU runs.
+enum class QuantIsa : int { Auto = -1, Generic = 0, AVX2 = 1, AVX512 = 2 };
+// Force an implementation (throws Error when this CPU or build cannot run it); Auto restores the default.
+void set_quantize_isa(QuantIsa isa);
+// The implementation quantize() uses now.
+QuantIsa active_quantize_isa();
+const char* quantize_isa_name(QuantIsa isa);
+
+// Bit-exact fast row quantizers (k a multiple of 32), compiled with their ISA's flags; call only
+// after checking that the CPU supports the ISA (set_quantize_isa / active_quantize_isa do that).
+void quantize_row_q4_0_avx2(const float* x, block_q4_0* y, int64_t k);
+void quantize_row_q4_1_avx2(const float* x, block_q4_1* y, int64_t k);
+void quantize_row_q8_0_avx2(const float* x, block_q8_0* y, int64_t k);
+void quantize_row_q4_0_avx512(const float* x, block_q4_0* y, int64_t k);
+void quantize_row_q4_1_avx512(const float* x, block_q4_1* y, int64_t k);
+void quantize_row_q8_0_avx512(const float* x, block_q8_0* y, int64_t k);
+
+// The 8-bit signed dynamic code book of bitsandbytes (create_dynamic_map(signed=True)), used for the
+// NF4_DQ nested absmax; ascending.
+extern const float kDynamicCodes[256];
+
+}  // namespace lowbit

@@ -1,1 +1,181 @@
-// placeholder
+// Run-time choice of the CPU kernel table: cpuid + OS register-state checks, LOWBIT_ISA override, set_isa.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+
+#include "cpu/kernels_internal.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
+
+#ifndef LOWBIT_ISAS_BUILT
+#define LOWBIT_ISAS_BUILT "generic"
+#endif
+
+namespace lowbit {
+namespace cpu {
+
+const char* isa_name(Isa isa) {
+    switch (isa) {
+        case Isa::Generic: return "generic";
+        case Isa::AVX2: return "avx2";
+        case Isa::AVX512: return "avx512";
+        case Isa::NEON: return "neon";
+    }
+    return "unknown";
+}
+
+bool parse_isa(const char* name, Isa* out) {
+    for (Isa isa : {Isa::Generic, Isa::AVX2, Isa::AVX512, Isa::NEON}) {
+        if (std::strcmp(name, isa_name(isa)) == 0) {
+            *out = isa;
+            return true;
+        }
+    }
+    return false;
+}
+
+namespace {
+
+#if defined(__x86_64__) || defined(_M_X64)
+// XCR0: which register states the OS saves on a context switch. The CPU may support AVX-512 while the
+// OS (or hypervisor) leaves the ZMM state off, and then the instructions fault.
+uint64_t read_xcr0() {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0;  // OSXSAVE
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (static_cast<uint64_t>(hi) << 32) | lo;
+}
+
+bool cpu_has_f16c() {
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+}
+
+bool os_saves_avx() { return (read_xcr0() & 0x6) == 0x6; }           // SSE + AVX state
+bool os_saves_avx512() { return (read_xcr0() & 0xe6) == 0xe6; }      // + opmask, ZMM0-15 high, ZMM16-31
+#endif
+
+bool can_run(Isa isa, bool* variant) {
+    *variant = false;
+    switch (isa) {
+        case Isa::Generic: return true;
+        case Isa::AVX2:
+#if defined(LOWBIT_HAVE_AVX2) && (defined(__x86_64__) || defined(_M_X64))
+            __builtin_cpu_init();
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c() &&
+                   __builtin_cpu_supports("bmi2") && os_saves_avx();
+#else
+            return false;
+#endif
+        case Isa::AVX512:
+#if defined(LOWBIT_HAVE_AVX512) && (defined(__x86_64__) || defined(_M_X64))
+            __builtin_cpu_init();
+            *variant = __builtin_cpu_supports("avx512vnni");
+            return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                   __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c() &&
+                   __builtin_cpu_supports("bmi2") && os_saves_avx() && os_saves_avx512();
+#else
+            return false;
+#endif
+        case Isa::NEON:
+#if defined(LOWBIT_HAVE_NEON) && defined(__aarch64__)
+#if defined(__linux__)
+            *variant = (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#endif
+            return true;  // Advanced SIMD is mandatory on AArch64.
+#else
+            return false;
+#endif
+    }
+    return false;
+}
+
+const Kernels* table_for(Isa isa) {
+    bool variant = false;
+    if (!can_run(isa, &variant)) return nullptr;
+    switch (isa) {
+        case Isa::Generic: return generic_kernels();
+#ifdef LOWBIT_HAVE_AVX2
+        case Isa::AVX2: return avx2_kernels();
+#endif
+#ifdef LOWBIT_HAVE_AVX512
+        case Isa::AVX512: return avx512_kernels(variant);
+#endif
+#ifdef LOWBIT_HAVE_NEON
+        case Isa::NEON: return neon_kernels(variant);
+#endif
+        default: return nullptr;
+    }
+}
+
+const Kernels* best_available() {
+    for (Isa isa : {Isa::AVX512, Isa::AVX2, Isa::NEON}) {
+        if (const Kernels* k = table_for(isa)) return k;
+    }
+    return generic_kernels();
+}
+
+// The table chosen from LOWBIT_ISA (read once) or the CPU; set_isa replaces it.
+std::atomic<const Kernels*> g_active{nullptr};
+std::once_flag g_default_once;
+const Kernels* g_default = nullptr;
+std::string g_default_error;
+
+void resolve_default() {
+    const char* env = std::getenv("LOWBIT_ISA");
+    if (env == nullptr || *env == '\0') {
+        g_default = best_available();
+        return;
+    }
+    Isa isa;
+    if (!parse_isa(env, &isa)) {
+        g_default_error = std::string("LOWBIT_ISA=") + env +
+                          " is not an ISA name; use one of generic, avx2, avx512, neon (or unset it)";
+        return;
+    }
+    g_default = table_for(isa);
+    if (g_default == nullptr) {
+        g_default_error = std::string("LOWBIT_ISA=") + env + " names an ISA this build or CPU cannot run (built: " +
+                          LOWBIT_ISAS_BUILT + "); unset LOWBIT_ISA or pick another";
+    }
+}
+
+}  // namespace
+
+const Kernels* kernels_for(Isa isa) { return table_for(isa); }
+
+const Kernels& kernels() {
+    const Kernels* k = g_active.load(std::memory_order_acquire);
+    if (k != nullptr) return *k;
+    std::call_once(g_default_once, resolve_default);
+    if (g_default == nullptr) throw Error(g_default_error);
+    return *g_default;
+}
+
+void set_isa(Isa isa) {
+    const Kernels* k = table_for(isa);
+    if (k == nullptr) {
+        throw Error(std::string("ISA ") + isa_name(isa) + " is not available here (built: " + LOWBIT_ISAS_BUILT +
+                    "; the CPU or OS may lack it)");
+    }
+    g_active.store(k, std::memory_order_release);
+}
+
+void reset_isa() { g_active.store(nullptr, std::memory_order_release); }
+
+const char* compiled_isas() { return LOWBIT_ISAS_BUILT; }
+
+}  // namespace cpu
+}  // namespace lowbit

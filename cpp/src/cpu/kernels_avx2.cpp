@@ -1,1 +1,40 @@
-// placeholder
+// AVX2 + FMA + F16C kernels (256-bit, vpmaddubsw integer dots); bodies in kernels_x86.inc.
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "cpu/kernels_internal.h"
+
+namespace lowbit {
+namespace cpu {
+namespace avx2 {
+namespace {
+
+#define LOWBIT_X86_VNNI 0
+#include "cpu/kernels_x86.inc"
+#undef LOWBIT_X86_VNNI
+
+const Kernels kAvx2 = {
+    Isa::AVX2,
+    "avx2",
+    quantize_act_x86,
+    dot_quant<FmtQ4_0>,
+    dot_quant<FmtQ4_1>,
+    dot_quant<FmtQ8_0>,
+    dot_quant<FmtNF4>,
+    dot_float<LoadF16>,
+    dot_float<LoadBF16>,
+    dot_float<LoadF32>,
+    rmsnorm_x86,
+    silu_mul_x86,
+    dot_f32_f32_x86,
+    axpy_f32_x86,
+};
+
+}  // namespace
+}  // namespace avx2
+
+const Kernels* avx2_kernels() { return &avx2::kAvx2; }
+
+}  // namespace cpu
+}  // namespace lowbit

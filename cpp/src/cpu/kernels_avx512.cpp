@@ -1,1 +1,232 @@
-// placeholder
+// AVX-512 kernels: vpdpbusd (AVX512-VNNI) integer dots when the CPU has them, else the maddubs sequence;
+// shared bodies in kernels_x86.inc.
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "cpu/kernels_internal.h"
+
+// GCC 12's AVX-512 intrinsic headers build results on _mm512_undefined_*(), which trips
+// -W(maybe-)uninitialized inside the headers themselves (GCC bug 105593); the code here reads no
+// uninitialized value.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace lowbit {
+namespace cpu {
+namespace avx512_vnni {
+namespace {
+
+#define LOWBIT_X86_VNNI 1
+#include "cpu/kernels_x86.inc"
+#undef LOWBIT_X86_VNNI
+
+// 512-bit tiles: two activation blocks per zmm register, so the per-block float work (convert, scale,
+// FMA) and the vpdpbusd count are halved against the 256-bit bodies. Each weight format provides the
+// pair of 32-element groups p (blocks 2p, 2p+1; for NF4 the two halves of block p) as unsigned bytes,
+// the scale vector, and (Q4_1) the two minimums. kSplit layouts keep the nibble expansion cheap: the
+// 128-bit lanes hold [block0 0..15, block1 0..15, block0 16..31, block1 16..31] and the activations are
+// permuted to match once per column. An odd last activation block uses the 256-bit body's load.
+inline __m512i join256(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_zextsi256_si512(lo), hi, 1); }
+inline float hsum512(__m512 v) {
+    return hsum256(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+}
+// Spread f = [a, b, ...] over the 16 lanes: a where the lane belongs to the first block, else b.
+template <bool kSplit>
+inline __m512 spread2(__m128 f) {
+    const __m512i idx = kSplit ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1)
+                               : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(f));
+}
+template <bool kSplit>
+inline __m512 half_pair(uint16_t a, uint16_t b) {
+    return spread2<kSplit>(_mm_cvtph_ps(_mm_insert_epi16(_mm_cvtsi32_si128(a), b, 1)));
+}
+// Two 16-byte nibble arrays -> [lo(q0), lo(q1), hi(q0), hi(q1)] (the kSplit layout).
+inline __m512i nibbles_pair(const uint8_t* q0, const uint8_t* q1) {
+    const __m256i t = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q0))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(q1)), 1);
+    const __m512i z = _mm512_broadcast_i64x4(t);
+    return _mm512_and_si512(_mm512_mask_srli_epi16(z, 0xffff0000u, z, 4), _mm512_set1_epi8(0x0f));
+}
+
+template <class F>
+struct Pair;
+
+template <>
+struct Pair<FmtQ4_0> {
+    static constexpr int kPerPair = 2;  // weight blocks per pair
+    static constexpr bool kSplit = true;
+    static inline void load(const block_q4_0* b, __m512i* u, __m512* dw, float*) {
+        *u = nibbles_pair(b[0].qs, b[1].qs);
+        *dw = half_pair<true>(b[0].d, b[1].d);
+    }
+};
+template <>
+struct Pair<FmtQ4_1> {
+    static constexpr int kPerPair = 2;
+    static constexpr bool kSplit = true;
+    static inline void load(const block_q4_1* b, __m512i* u, __m512* dw, float* m) {
+        *u = nibbles_pair(b[0].qs, b[1].qs);
+        *dw = half_pair<true>(b[0].d, b[1].d);
+        m[0] = half_scalar(b[0].m);
+        m[1] = half_scalar(b[1].m);
+    }
+};
+template <>
+struct Pair<FmtQ8_0> {
+    static constexpr int kPerPair = 2;
+    static constexpr bool kSplit = false;
+    static inline void load(const block_q8_0* b, __m512i* u, __m512* dw, float*) {
+        const __m512i w = join256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[0].qs)),
+                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b[1].qs)));
+        *u = _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));  // w + 128 for vpdpbusd
+        *dw = half_pair<false>(b[0].d, b[1].d);
+    }
+};
+template <>
+struct Pair<FmtNF4> {
+    static constexpr int kPerPair = 1;
+    static constexpr bool kSplit = false;
+    static inline void load(const block_nf4* b, __m512i* u, __m512* dw, float*) {
+        __m256i h[2];
+        float scale, unused;
+        FmtNF4::load(b, h, &scale, &unused);
+        *u = join256(h[0], h[1]);
+        *dw = _mm512_set1_ps(scale);
+    }
+};
+
+template <class F, int NR, int NC>
+void tile_quant512(int64_t k, const void* w, size_t ws, const void* x, size_t xs, float* y, size_t ys) {
+    using Block = typename F::Block;
+    using P = Pair<F>;
+    const int64_t nx = k / 32;        // activation blocks
+    const int64_t n_pairs = nx / 2;
+    const Block* wr[NR];
+    for (int r = 0; r < NR; ++r) wr[r] = reinterpret_cast<const Block*>(static_cast<const uint8_t*>(w) + r * ws);
+    const block_q8_act* xc[NC];
+    for (int c = 0; c < NC; ++c) {
+        xc[c] = reinterpret_cast<const block_q8_act*>(static_cast<const uint8_t*>(x) + c * xs);
+    }
+    __m512 acc[NR][NC];
+    float accm[NR][NC];
+    for (int r = 0; r < NR; ++r) {
+        for (int c = 0; c < NC; ++c) {
+            acc[r][c] = _mm512_setzero_ps();
+            accm[r][c] = 0.0f;
+        }
+    }
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t p = 0; p < n_pairs; ++p) {
+        __m512i xv[NC], init[NC];
+        __m512 dx[NC];
+        for (int c = 0; c < NC; ++c) {
+            const block_q8_act* xb = xc[c] + 2 * p;
+            xv[c] = join256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb[0].qs)),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb[1].qs)));
+            if (P::kSplit) xv[c] = _mm512_shuffle_i64x2(xv[c], xv[c], _MM_SHUFFLE(3, 1, 2, 0));
+            dx[c] = spread2<P::kSplit>(_mm_insert_ps(_mm_load_ss(&xb[0].d), _mm_load_ss(&xb[1].d), 0x10));
+            if (F::kBias != 0) {
+                const __m512i sx = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xv[c]);
+                init[c] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(sx, F::kBias == 8 ? 3 : 7));
+            } else {
+                init[c] = _mm512_setzero_si512();
+            }
+        }
+        for (int r = 0; r < NR; ++r) {
+            __m512i u;
+            __m512 dwv;
+            float m[2];
+            P::load(wr[r] + p * P::kPerPair, &u, &dwv, m);
+            for (int c = 0; c < NC; ++c) {
+                const __m512i isum = _mm512_dpbusd_epi32(init[c], u, xv[c]);
+                acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dwv, dx[c]), acc[r][c]);
+                if (F::kMin) accm[r][c] += m[0] * xc[c][2 * p].s + m[1] * xc[c][2 * p + 1].s;
+            }
+        }
+    }
+    for (int r = 0; r < NR; ++r) {
+        for (int c = 0; c < NC; ++c) {
+            float tail = 0.0f;
+            if (nx % 2 != 0) {
+                // Odd activation-block count (32-element formats only): the last block on 256 bits.
+                __m256i u[2];
+                float d, m;
+                F::load(wr[r] + (nx - 1), u, &d, &m);
+                const block_q8_act& xb = xc[c][nx - 1];
+                const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb.qs));
+                const __m256i isum = dot_u8_s8(bias_init<F::kBias>(xv), u[0], xv);
+                tail = hsum256(_mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d * xb.d)));
+                if (F::kMin) tail += m * xb.s;
+            }
+            y[c * ys + r] = hsum512(acc[r][c]) + accm[r][c] + tail;
+        }
+    }
+}
+
+template <class F>
+void dot_quant512(int64_t k, const void* w, size_t ws, int nr, const void* x, size_t xs, int nc, float* y,
+                  size_t ys) {
+    static const TileImpl table[4][4] = {
+        {&tile_quant512<F, 1, 1>, &tile_quant512<F, 1, 2>, &tile_quant512<F, 1, 3>, &tile_quant512<F, 1, 4>},
+        {&tile_quant512<F, 2, 1>, &tile_quant512<F, 2, 2>, &tile_quant512<F, 2, 3>, &tile_quant512<F, 2, 4>},
+        {&tile_quant512<F, 3, 1>, &tile_quant512<F, 3, 2>, &tile_quant512<F, 3, 3>, &tile_quant512<F, 3, 4>},
+        {&tile_quant512<F, 4, 1>, &tile_quant512<F, 4, 2>, &tile_quant512<F, 4, 3>, &tile_quant512<F, 4, 4>}};
+    table[nr - 1][nc - 1](k, w, ws, x, xs, y, ys);
+}
+
+const Kernels kTable = {
+    Isa::AVX512,
+    "avx512",
+    quantize_act_x86,
+    dot_quant512<FmtQ4_0>,
+    dot_quant512<FmtQ4_1>,
+    dot_quant512<FmtQ8_0>,
+    dot_quant512<FmtNF4>,
+    dot_float<LoadF16>,
+    dot_float<LoadBF16>,
+    dot_float<LoadF32>,
+    rmsnorm_x86,
+    silu_mul_x86,
+    dot_f32_f32_x86,
+    axpy_f32_x86,
+};
+
+}  // namespace
+}  // namespace avx512_vnni
+
+namespace avx512_novnni {
+namespace {
+
+#define LOWBIT_X86_VNNI 0
+#include "cpu/kernels_x86.inc"
+#undef LOWBIT_X86_VNNI
+
+const Kernels kTable = {
+    Isa::AVX512,
+    "avx512",
+    quantize_act_x86,
+    dot_quant<FmtQ4_0>,
+    dot_quant<FmtQ4_1>,
+    dot_quant<FmtQ8_0>,
+    dot_quant<FmtNF4>,
+    dot_float<LoadF16>,
+    dot_float<LoadBF16>,
+    dot_float<LoadF32>,
+    rmsnorm_x86,
+    silu_mul_x86,
+    dot_f32_f32_x86,
+    axpy_f32_x86,
+};
+
+}  // namespace
+}  // namespace avx512_novnni
+
+const Kernels* avx512_kernels(bool vnni) { return vnni ? &avx512_vnni::kTable : &avx512_novnni::kTable; }
+
+}  // namespace cpu
+}  // namespace lowbit

@@ -1,0 +1,34 @@
+# lowbit developer entry points. `make demo` and `make test` each do all set-up from a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch is needed only by the tests (transformers as the oracle) and by .bin checkpoints; pin the CPU build.
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test install install-test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Build and install lowbit (C++ core + CUDA backend when nvcc is found) into the venv.
+install: $(BIN)/python
+	$(BIN)/python -m pip install -q .
+
+demo: install
+	$(BIN)/lowbit demo
+
+# torch goes in first so nothing pulls a CUDA build of it.
+install-test: $(BIN)/python
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q ".[test,convert]" "$(TORCH)"
+
+test: install-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install-test
+	$(BIN)/python tests/bench/vs_llamacpp.py
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,88 @@
+// Private helpers shared by the per-ISA kernel files: scalar fp16/bf16 decoding, the NF4 int8 table,
+// the scalar activation quantizer every ISA must match bit for bit, and the per-ISA table getters.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "lowbit/kernels.h"
+
+namespace lowbit {
+namespace cpu {
+
+// Per-ISA tables (defined in kernels_<isa>.cpp). They do not check the CPU; dispatch.cpp does.
+const Kernels* generic_kernels();
+#ifdef LOWBIT_HAVE_AVX2
+const Kernels* avx2_kernels();
+#endif
+#ifdef LOWBIT_HAVE_AVX512
+// vnni: use vpdpbusd; otherwise the same kernels with the AVX2-style maddubs dot.
+const Kernels* avx512_kernels(bool vnni);
+#endif
+#ifdef LOWBIT_HAVE_NEON
+// dotprod: use vdotq_s32 (ARMv8.2 dotprod); otherwise widening multiplies.
+const Kernels* neon_kernels(bool dotprod);
+#endif
+
+namespace detail {
+
+// IEEE half -> float, exact (every half is a float). Local so the kernels do not depend on types.cpp.
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1f;
+    uint32_t man = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else {
+        // Subnormal half: value = man * 2^-24, exact in float.
+        float f = static_cast<float>(man) * 5.9604644775390625e-8f;
+        std::memcpy(&bits, &f, 4);
+        bits |= sign;
+    }
+    float out;
+    std::memcpy(&out, &bits, 4);
+    return out;
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// Runtime NF4 approximation: the matmul kernels replace each NF4 code value c (bitsandbytes'
+// get_4bit_type("nf4"), spec/quant-types.md#nf4) by round(c * 127) as int8 and the block scale absmax
+// by absmax / 127, so NF4 rows dot int8 activations in integer arithmetic like the ggml types. The
+// largest change of a weight is 0.5/127 of its block's absmax; dequantize() stays exact.
+alignas(16) static const int8_t kNF4Int8[16] = {-127, -88, -67, -50, -36, -23, -12, 0,
+                                                10,   20,  31,  43,  56,  71,  92,  127};
+
+// Scalar activation quantizer, the oracle for every ISA (results must be bit-identical):
+//   d = amax / 127, id = d ? 1/d : 0, q = roundf(x * id), s = d * sum(q).
+// Why x * id and not x / d: ggml's quantize_row_q8_0 multiplies by the reciprocal, and a multiply is
+// what SIMD code does cheaply; roundf rounds half away from zero (spec/quant-types.md#runtime).
+static inline void quantize_act_block_ref(const float* x, block_q8_act* y) {
+    float amax = 0.0f;
+    for (int j = 0; j < 32; ++j) amax = std::fmax(amax, std::fabs(x[j]));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    int sum = 0;
+    for (int j = 0; j < 32; ++j) {
+        const int q = static_cast<int>(std::round(x[j] * id));
+        y->qs[j] = static_cast<int8_t>(q);
+        sum += q;
+    }
+    y->d = d;
+    y->s = d * static_cast<float>(sum);
+}
+
+}  // namespace detail
+}  // namespace cpu
+}  // namespace lowbit

@@ -1,0 +1,322 @@
+"""The `lowbit` command line: convert, quantize, run, chat, bench, perplexity, inspect, info, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import lowbit
+
+log = logging.getLogger("lowbit")
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# ---- model options shared by run / chat / bench / perplexity ---------------------------------------
+
+
+def _add_model_args(p: argparse.ArgumentParser, model_positional: bool = True) -> None:
+    if model_positional:
+        p.add_argument("model_pos", nargs="?", metavar="MODEL", help="GGUF file")
+    p.add_argument("-m", "--model", help="GGUF file (same as the positional MODEL)")
+    p.add_argument("-c", "--ctx-size", type=int, default=0, help="context length (0: the file's, at most 4096)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
+                   help="transformer blocks to offload to the CUDA GPU (-1: all)")
+    p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens evaluated per batch")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temp", type=float, default=0.8, help="temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("-s", "--seed", type=int, default=None)
+
+
+def _model_path(args: argparse.Namespace) -> str:
+    path = args.model or getattr(args, "model_pos", None)
+    if not path:
+        raise SystemExit("lowbit: no model given (use -m FILE.gguf)")
+    return path
+
+
+def _load(args: argparse.Namespace):
+    return lowbit.load(_model_path(args), n_ctx=args.ctx_size, n_threads=args.threads,
+                       n_gpu_layers=args.n_gpu_layers, n_batch=args.batch_size,
+                       seed=getattr(args, "seed", None))
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty, seed=args.seed)
+
+
+def _print_timings(model, file=sys.stderr) -> None:
+    t = getattr(model, "last_timings", None)
+    if not t:
+        return
+    pp = t["prompt_tokens"] / t["prompt_seconds"] if t.get("prompt_seconds") else float("nan")
+    tg = t["generated_tokens"] / t["generate_seconds"] if t.get("generate_seconds") else float("nan")
+    print(f"\nprompt: {t['prompt_tokens']} tokens in {t['prompt_seconds']*1e3:.1f} ms ({pp:.1f} tokens/s)", file=file)
+    print(f"generation: {t['generated_tokens']} tokens in {t['generate_seconds']*1e3:.1f} ms ({tg:.1f} tokens/s)",
+          file=file)
+
+
+# ---- subcommands -------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    model = _load(args)
+    prompt = args.prompt
+    if args.file:
+        prompt = Path(args.file).read_text(encoding="utf-8")
+    if prompt is None:
+        raise SystemExit("lowbit run: give a prompt with -p TEXT or -f FILE")
+    if not args.no_echo:
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+    for piece in model.generate(prompt, max_new_tokens=args.n_predict, stream=True, **_sampling(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    _print_timings(model)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    model = _load(args)
+    messages: list[dict] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    one_shot = args.prompt is not None
+    print("lowbit chat: type a message; an empty line or Ctrl-D quits.", file=sys.stderr) if not one_shot else None
+    while True:
+        if one_shot:
+            text = args.prompt
+        else:
+            try:
+                text = input("> ")
+            except EOFError:
+                break
+            if not text.strip():
+                break
+        messages.append({"role": "user", "content": text})
+        reply = []
+        try:
+            for piece in model.chat(messages, max_new_tokens=args.n_predict, stream=True, **_sampling(args)):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                reply.append(piece)
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        if args.verbose:
+            _print_timings(model)
+        if one_shot:
+            break
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    f = lowbit.GGUFFile(args.file)
+    md = f.metadata
+    if args.json:
+        out = {"metadata": {k: v for k, v in md.items() if args.full or not _is_bulky(v)},
+               "tensors": [{"name": t.name, "type": _type_name(t.qtype), "shape": list(t.shape),
+                            "nbytes": t.nbytes, "offset": t.offset} for t in f.tensors]}
+        print(json.dumps(out, indent=1, default=str))
+        return 0
+    print(f"{args.file}: GGUF v{f.version}, {len(md)} metadata keys, {len(f.tensors)} tensors, "
+          f"alignment {f.alignment}")
+    print("\nmetadata:")
+    for k, v in md.items():
+        print(f"  {k} = {_short(v, args.full)}")
+    print("\ntensors:")
+    total = 0
+    by_type: dict[str, int] = {}
+    for t in f.tensors:
+        name = _type_name(t.qtype)
+        by_type[name] = by_type.get(name, 0) + t.nbytes
+        total += t.nbytes
+        print(f"  {t.name:<36} {name:<7} {str(list(t.shape)):<20} {_human_bytes(t.nbytes):>11}")
+    print(f"\ntotal tensor data: {_human_bytes(total)} ("
+          + ", ".join(f"{k} {_human_bytes(v)}" for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])) + ")")
+    return 0
+
+
+def _type_name(qtype) -> str:
+    try:
+        return lowbit.quants.type_info(int(qtype))["name"]
+    except Exception:  # unknown to the table: print the id
+        return str(int(qtype))
+
+
+def _is_bulky(v) -> bool:
+    return (isinstance(v, list) and len(v) > 64) or (isinstance(v, str) and len(v) > 4096)
+
+
+def _short(v, full: bool) -> str:
+    if full:
+        return repr(v)
+    if isinstance(v, list):
+        head = ", ".join(repr(x) for x in v[:6])
+        return f"[{head}{', ...' if len(v) > 6 else ''}] ({len(v)} items)"
+    if isinstance(v, str) and len(v) > 120:
+        return repr(v[:100]) + f"... ({len(v)} chars)"
+    return repr(v)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = lowbit.build_info()
+    cuda = lowbit.cuda_info()
+    print(f"lowbit {lowbit.__version__}")
+    print(f"CPU ISAs compiled:  {', '.join(info['cpu_isas_compiled'])}")
+    print(f"CPU ISAs runnable:  {', '.join(info['cpu_isas_runnable'])}")
+    print(f"CPU ISA in use:     {info.get('cpu_isa_active') or info.get('cpu_isa_error')}"
+          + ("  (forced by LOWBIT_ISA)" if os.environ.get("LOWBIT_ISA") else ""))
+    print(f"CUDA backend:       {'compiled in' if cuda['compiled'] else 'absent from this build'}")
+    for d in cuda["devices"]:
+        cc = ".".join(str(x) for x in d["compute_capability"])
+        print(f"  GPU {d['index']}: {d['name']} (sm_{cc.replace('.', '')}), "
+              f"{_human_bytes(d['free_memory'])} free of {_human_bytes(d['total_memory'])}")
+    if not cuda["devices"]:
+        print(f"  no GPU: {cuda['error']}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_model
+
+    model = _load(args)
+    result = bench_model(model, n_prompt=args.n_prompt, n_gen=args.n_gen, repetitions=args.repetitions)
+    print(f"model: {_model_path(args)}")
+    print(f"threads: {result['threads']}, n_gpu_layers: {args.n_gpu_layers}")
+    print(f"load: {result.get('load_seconds', float('nan')):.3f} s")
+    print(f"prompt  pp{args.n_prompt}: {result['pp_median']:.1f} tokens/s (median of {args.repetitions})")
+    print(f"decode  tg{args.n_gen}: {result['tg_median']:.1f} tokens/s (median of {args.repetitions})")
+    return 0
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from .bench import perplexity
+
+    model = _load(args)
+    text = Path(args.file).read_text(encoding="utf-8")
+    res = perplexity(model, text, n_ctx=args.ppl_ctx, max_chunks=args.chunks, progress=True)
+    print(f"perplexity: {res['ppl']:.4f} +/- {res['ppl_stderr']:.4f} over {res['n_tokens']} scored tokens "
+          f"({res['n_chunks']} windows of {args.ppl_ctx})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(question=args.question, n_threads=args.threads, max_new_tokens=args.n_predict,
+                    cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+
+
+# ---- parser ------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description="Run quantized LLaMA-family GGUF models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    from . import converter as convert_mod
+
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint directory to GGUF")
+    convert_mod.add_convert_args(p)
+    p.set_defaults(func=lambda a: convert_mod.run_convert_args(a))
+
+    p = sub.add_parser("quantize", help="requantize a GGUF file (also llama.cpp's)")
+    convert_mod.add_quantize_args(p)
+    p.set_defaults(func=lambda a: convert_mod.run_quantize_args(a))
+
+    p = sub.add_parser("run", help="generate text from a prompt")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("-p", "--prompt", help="prompt text")
+    p.add_argument("-f", "--file", help="read the prompt from a file")
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate")
+    p.add_argument("--no-echo", action="store_true", help="do not print the prompt")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive chat using the file's chat template (streaming)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--system", help="system message")
+    p.add_argument("-p", "--prompt", help="ask one question and exit")
+    p.add_argument("-n", "--n-predict", type=int, default=256, help="max tokens per reply")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("bench", help="prompt and decode tokens/s")
+    _add_model_args(p)
+    p.add_argument("-p", "--n-prompt", type=int, default=128)
+    p.add_argument("-n", "--n-gen", type=int, default=64)
+    p.add_argument("-r", "--repetitions", type=int, default=3)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("perplexity", help="perplexity over a text file (windows of n_ctx, second half scored)")
+    _add_model_args(p)
+    p.add_argument("-f", "--file", required=True, help="text file, e.g. wikitext-2 test")
+    p.add_argument("--ppl-ctx", type=int, default=512, help="window length")
+    p.add_argument("--chunks", type=int, default=None, help="score at most this many windows")
+    p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("inspect", help="print a GGUF file's metadata and tensor table")
+    p.add_argument("file")
+    p.add_argument("--full", action="store_true", help="print long arrays and strings whole")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("info", help="build information: CPU ISAs, CUDA")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="fetch SmolLM2-135M-Instruct, convert to Q4_0 and NF4, chat with both")
+    p.add_argument("-q", "--question", default="What is the capital of France? Answer in one sentence.")
+    p.add_argument("-t", "--threads", type=int, default=None)
+    p.add_argument("-n", "--n-predict", type=int, default=64)
+    p.add_argument("--cache-dir", default=None, help="where the model files go (default ~/.cache/lowbit)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    func: Optional[Callable[[argparse.Namespace], int]] = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args) or 0)
+    except lowbit.LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nlowbit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

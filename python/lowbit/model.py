@@ -1,0 +1,434 @@
+"""lowbit.load / lowbit.Model: a GGUF LLaMA-family model with tokenizer, KV cache reuse, sampling and chat.
+
+    m = lowbit.load("model.gguf", n_ctx=2048, n_threads=4)
+    print(m.generate("Once upon a time", max_new_tokens=32, temperature=0))
+    for piece in m.chat([{"role": "user", "content": "Hi!"}], stream=True):
+        print(piece, end="")
+
+Cache: the model keeps the tokens of the last prompt and its generated continuation in the KV cache, and the
+next generate()/chat() evaluates only what follows the longest common prefix (a second chat turn does not
+recompute the first). logits() replaces the cache contents with its own tokens. reset() empties the cache.
+
+Threads: one generation at a time per model. A second thread calling generate() waits for the first; a
+thread that calls generate() while its own streaming generation is still open gets a LowbitError.
+Ctrl-C during generate() leaves the model usable: the cache holds exactly the fully evaluated tokens.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from . import _core
+from ._core import LowbitError
+from .chat import render_chat
+
+log = logging.getLogger("lowbit.model")
+
+Prompt = Union[str, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters read from the file (llama.* keys)."""
+
+    architecture: str
+    name: str
+    n_vocab: int
+    n_ctx_train: int
+    n_embd: int
+    n_layer: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_rot: int
+    rope_freq_base: float
+    rope_freq_scale: float
+    rms_eps: float
+    tied_embeddings: bool
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """llama.cpp's defaults; temperature 0 is greedy. Order: repeat penalty, top_k, top_p, min_p, temperature."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+
+    def make_sampler(self, seed: int) -> "_core.Sampler":
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise LowbitError(f"{name} must be a number, got {value!r}")
+        for name in ("top_k", "repeat_last_n"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise LowbitError(f"{name} must be an integer, got {value!r}")
+        return _core.Sampler(temperature=float(self.temperature), top_k=int(self.top_k), top_p=float(self.top_p),
+                             min_p=float(self.min_p), repeat_penalty=float(self.repeat_penalty),
+                             repeat_last_n=int(self.repeat_last_n), seed=seed)
+
+
+def _default_threads() -> int:
+    # Like llama.cpp: the physical cores are what matter; with SMT, half the logical CPUs is a good guess.
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n // 2) if n > 4 else n
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.nonzero(a[:n] != b[:n])[0]
+    return int(diff[0]) if len(diff) else n
+
+
+def _stop_holdback(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of a stop string (it may still become one)."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return hold
+
+
+class Model:
+    """A loaded model. Prefer lowbit.load(...)."""
+
+    def __init__(self, path: Union[str, os.PathLike], n_ctx: int = 0, n_threads: Optional[int] = None,
+                 n_gpu_layers: int = 0, seed: Optional[int] = None, n_batch: int = 512, kv_f16: bool = False) -> None:
+        self._core: Optional[_core.Model] = None
+        path = Path(path)
+        if not path.exists():
+            raise LowbitError(f"model file '{path}' does not exist; check the path")
+        if path.is_dir():
+            raise LowbitError(f"'{path}' is a directory; pass a .gguf file (convert a Hugging Face folder first "
+                              "with `lowbit convert`)")
+        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_gpu_layers", n_gpu_layers)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise LowbitError(f"{name} must be an integer, got {value!r}")
+        if n_threads is None:
+            n_threads = _default_threads()
+        if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)) or n_threads < 1:
+            raise LowbitError(f"n_threads must be a positive integer or None (a guess), got {n_threads!r}")
+        if n_gpu_layers != 0 and not _core.cuda_info()["compiled"]:
+            raise LowbitError(f"n_gpu_layers={n_gpu_layers} needs a GPU, but this build has no CUDA backend; "
+                              "rebuild with LOWBIT_CUDA=ON (nvcc on PATH) or pass n_gpu_layers=0")
+        self.path = path
+        self.n_threads = int(n_threads)
+        t0 = time.perf_counter()
+        self._core = _core.Model(str(path), n_ctx=int(n_ctx), n_threads=int(n_threads), n_batch=int(n_batch),
+                                 n_gpu_layers=int(n_gpu_layers), kv_f16=bool(kv_f16))
+        self._config = ModelConfig.from_dict(self._core.config)
+        self._tokenizer = None
+        self._chat_template: Optional[str] = None
+        self._seed_rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._owner: Optional[int] = None
+        self.load_seconds = time.perf_counter() - t0
+        self.last_timings: dict[str, float] = {}
+        log.info("loaded %s: %d layers, n_embd %d, vocab %d, n_ctx %d, %d threads, in %.3f s", path,
+                 self._config.n_layer, self._config.n_embd, self._config.n_vocab, self.n_ctx, self.n_threads,
+                 self.load_seconds)
+
+    # ---- properties ---------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> ModelConfig:
+        return self._config
+
+    @property
+    def n_ctx(self) -> int:
+        return self._model().n_ctx
+
+    @property
+    def n_vocab(self) -> int:
+        return self._config.n_vocab
+
+    @property
+    def n_past(self) -> int:
+        """Tokens currently in the KV cache."""
+        return self._model().n_past
+
+    @property
+    def cached_tokens(self) -> list[int]:
+        return self._model().tokens.tolist()
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_gguf(self.path)
+            self._chat_template = self._tokenizer.chat_template
+        return self._tokenizer
+
+    def _model(self) -> "_core.Model":
+        if self._core is None:
+            raise LowbitError("this model was closed; load it again")
+        return self._core
+
+    # ---- tokens -------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
+        """Token ids of text. add_bos: prepend BOS when the model uses one; special: parse special-token text
+        such as "<|im_end|>" as those tokens (False: as plain text)."""
+        if not isinstance(text, str):
+            raise LowbitError(f"tokenize needs a str, got {type(text).__name__}")
+        # add_bos=True follows the file's tokenizer.ggml.add_bos_token, as llama.cpp's add_special does.
+        return list(self.tokenizer.encode(text, add_bos=None if add_bos else False, special=special))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    # ---- evaluation ---------------------------------------------------------------------------------
+
+    def _check_ids(self, ids: Sequence[int], what: str) -> np.ndarray:
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise LowbitError(f"{what} must be a 1-D sequence of token ids")
+        if arr.size and (arr.min() < 0 or arr.max() >= self.n_vocab):
+            bad = int(arr[(arr < 0) | (arr >= self.n_vocab)][0])
+            raise LowbitError(f"{what} contains token id {bad}, outside the vocabulary [0, {self.n_vocab})")
+        return arr.astype(np.int32)
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Teacher-forced logits (len(tokens), n_vocab) float32, evaluated from an empty cache. The cache then
+        holds these tokens (the previous contents are dropped)."""
+        ids = self._check_ids(tokens, "tokens")
+        if ids.size == 0:
+            raise LowbitError("logits needs at least one token")
+        if ids.size > self.n_ctx:
+            raise LowbitError(f"{ids.size} tokens do not fit in the context of {self.n_ctx}; "
+                              "load the model with a larger n_ctx")
+        with self._exclusive():
+            core = self._model()
+            core.truncate(0)
+            return core.eval(ids, all_logits=True)
+
+    def reset(self) -> None:
+        """Empty the KV cache."""
+        with self._exclusive():
+            self._model().truncate(0)
+
+    def memory_footprint(self) -> dict[str, Any]:
+        """Bytes held: weights (mapped from the file, or owned), kv, scratch; and per device."""
+        f = self._model().memory_footprint()
+        return {
+            "weights": f["weights_mapped"] + f["weights_owned"] + f["weights_gpu"],
+            "weights_mapped": f["weights_mapped"],
+            "weights_owned": f["weights_owned"],
+            "kv": f["kv_cpu"] + f["kv_gpu"],
+            "scratch": f["scratch_cpu"] + f["scratch_gpu"],
+            "devices": {
+                "cpu": {"weights": f["weights_mapped"] + f["weights_owned"], "kv": f["kv_cpu"],
+                        "scratch": f["scratch_cpu"]},
+                "cuda": {"weights": f["weights_gpu"], "kv": f["kv_gpu"], "scratch": f["scratch_gpu"]},
+            },
+        }
+
+    # ---- generation ---------------------------------------------------------------------------------
+
+    def generate(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: Optional[int] = None,
+                 stop: Union[str, Sequence[str], None] = None, stream: bool = False, repeat_last_n: int = 64,
+                 add_bos: bool = True) -> Union[str, Iterator[str]]:
+        """Continue prompt (text, or token ids used as they are). Stops at EOS/EOT, at a stop string (not part
+        of the result), after max_new_tokens, or when the context is full. stream=True returns an iterator of
+        text pieces (never half a UTF-8 character, never the start of a stop string)."""
+        sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
+        ids, sampler, stops = self._prepare(prompt, max_new_tokens, sampling, seed, stop, add_bos)
+        pieces = self._stream(ids, int(max_new_tokens), sampler, int(repeat_last_n), stops)
+        if stream:
+            return pieces
+        return "".join(pieces)
+
+    def generate_tokens(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
+                        top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+                        seed: Optional[int] = None, repeat_last_n: int = 64, add_bos: bool = True,
+                        stop_at_eos: bool = True) -> list[int]:
+        """generate(), returning the new token ids (EOS/EOT excluded; stop_at_eos=False samples past them)."""
+        sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
+        ids, sampler, _ = self._prepare(prompt, max_new_tokens, sampling, seed, None, add_bos)
+        with self._exclusive():
+            return list(self._tokens(ids, int(max_new_tokens), sampler, int(repeat_last_n), stop_at_eos))
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], **gen_kwargs: Any) -> Union[str, Iterator[str]]:
+        """Render messages with the file's chat template (see lowbit.chat) and generate the assistant's reply.
+        Accepts generate()'s keyword arguments (stream=True too)."""
+        tok = self.tokenizer
+        bos = tok.tokens[tok.bos_id] if tok.bos_id is not None else ""
+        eos = tok.tokens[tok.eos_id] if tok.eos_id is not None else ""
+        text = render_chat(messages, self._chat_template, bos_token=bos, eos_token=eos)
+        # A template that writes BOS itself must not get a second one.
+        add_bos = not (bos and text.startswith(bos))
+        ids = self.tokenize(text, add_bos=add_bos, special=True)
+        return self.generate(ids, **gen_kwargs)
+
+    def _prepare(self, prompt: Prompt, max_new_tokens: int, sampling: SamplingParams, seed: Optional[int],
+                 stop: Union[str, Sequence[str], None], add_bos: bool):
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+            raise LowbitError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+        if max_new_tokens < 0:
+            raise LowbitError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if isinstance(prompt, str):
+            ids = np.asarray(self.tokenize(prompt, add_bos=add_bos), dtype=np.int32)
+        else:
+            ids = self._check_ids(prompt, "prompt")
+        if ids.size == 0:
+            raise LowbitError("the prompt is empty (no tokens); give some text, or add_bos=True")
+        if ids.size > self.n_ctx:
+            raise LowbitError(f"the prompt has {ids.size} tokens, more than the context of {self.n_ctx}; "
+                              "shorten it or load the model with a larger n_ctx")
+        if seed is None:
+            seed = self._seed_rng.getrandbits(64)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise LowbitError(f"seed must be an integer or None, got {seed!r}")
+        sampler = sampling.make_sampler(int(seed) & 0xFFFFFFFFFFFFFFFF)
+        if stop is None:
+            stops: list[str] = []
+        elif isinstance(stop, str):
+            stops = [stop]
+        else:
+            stops = list(stop)
+        if not all(isinstance(s, str) for s in stops):
+            raise LowbitError(f"stop must be a string or a list of strings, got {stop!r}")
+        stops = [s for s in stops if s]
+        return ids, sampler, stops
+
+    def _acquire(self) -> None:
+        me = threading.get_ident()
+        if self._owner == me:
+            raise LowbitError("this thread is already generating with this model (an unfinished stream?); "
+                              "exhaust or close() that iterator first")
+        self._lock.acquire()
+        self._owner = me
+
+    def _release(self) -> None:
+        self._owner = None
+        self._lock.release()
+
+    class _Exclusive:
+        def __init__(self, model: "Model") -> None:
+            self.model = model
+
+        def __enter__(self) -> None:
+            self.model._acquire()
+
+        def __exit__(self, *exc: Any) -> None:
+            self.model._release()
+
+    def _exclusive(self) -> "Model._Exclusive":
+        return Model._Exclusive(self)
+
+    def _tokens(self, prompt: np.ndarray, max_new_tokens: int, sampler: "_core.Sampler", window: int,
+                stop_at_eos: bool = True) -> Iterator[int]:
+        """Evaluate prompt after the longest cached common prefix, then sample and evaluate up to
+        max_new_tokens tokens. Yields each new token id (EOS/EOT are not yielded)."""
+        core = self._model()
+        eos = self.tokenizer.eot_ids if stop_at_eos else frozenset()
+        timings = {"prompt_tokens": 0, "prompt_seconds": 0.0, "reused_tokens": 0, "generated_tokens": 0,
+                   "generate_seconds": 0.0}
+        self.last_timings = timings
+        n_keep = _common_prefix(core.tokens, prompt)
+        if n_keep == prompt.size:
+            n_keep -= 1  # the last prompt token must be evaluated again to get its logits
+        core.truncate(n_keep)
+        t0 = time.perf_counter()
+        logits = core.eval(prompt[n_keep:])
+        timings.update(prompt_tokens=int(prompt.size - n_keep), reused_tokens=n_keep,
+                       prompt_seconds=time.perf_counter() - t0)
+        if max_new_tokens == 0:
+            return
+        history = [int(t) for t in prompt]  # what the repeat penalty looks back over
+        t0 = time.perf_counter()
+        for i in range(max_new_tokens):
+            recent = history if window < 0 else history[-window:] if window else []
+            token = sampler.sample(logits, np.asarray(recent, dtype=np.int32))
+            if token in eos:
+                break
+            timings["generated_tokens"] = i + 1
+            yield token
+            history.append(token)
+            if i + 1 == max_new_tokens or core.n_past >= core.n_ctx:
+                break
+            logits = core.eval(np.asarray([token], dtype=np.int32))
+            timings["generate_seconds"] = time.perf_counter() - t0
+        timings["generate_seconds"] = time.perf_counter() - t0
+
+    def _stream(self, prompt: np.ndarray, max_new_tokens: int, sampler: "_core.Sampler", window: int,
+                stops: list[str]) -> Iterator[str]:
+        """Text pieces of the generated tokens: held back while they end in an incomplete UTF-8 character or
+        in a prefix of a stop string."""
+        self._acquire()
+        try:
+            decoder = self.tokenizer.stream_decoder()
+            text = ""  # everything decoded so far; text[:emitted] has been yielded
+            emitted = 0
+            longest_stop = max((len(s) for s in stops), default=0)
+            for token in self._tokens(prompt, max_new_tokens, sampler, window):
+                text += decoder.feed(token)
+                if stops:
+                    start = max(0, emitted - longest_stop)
+                    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+                    if hits:
+                        cut = min(hits)
+                        if cut > emitted:
+                            yield text[emitted:cut]
+                        return
+                    safe = len(text) - _stop_holdback(text, stops)
+                else:
+                    safe = len(text)
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+            text += decoder.flush()
+            if len(text) > emitted:
+                yield text[emitted:]
+        finally:
+            self._release()
+
+    # ---- lifetime -----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the mapping, the KV cache and the threads. The model cannot be used afterwards."""
+        self._core = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<lowbit.Model {self.path.name}: {self._config.n_layer} layers, vocab {self._config.n_vocab}, "
+                f"n_ctx {self.n_ctx if self._core else 'closed'}>")
+
+
+def load(path: Union[str, os.PathLike], n_ctx: int = 0, n_threads: Optional[int] = None, n_gpu_layers: int = 0,
+         seed: Optional[int] = None, n_batch: int = 512, kv_f16: bool = False) -> Model:
+    """Load a GGUF model. n_ctx 0: the file's context length, at most 4096. n_threads None: a guess from the
+    CPU count. n_gpu_layers: transformer blocks to run on the GPU (CUDA builds). seed: seeds the sampler
+    of every generate() call that passes no seed of its own. n_batch: prompt tokens evaluated together.
+    kv_f16: store the KV cache as fp16 (half the memory)."""
+    return Model(path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, seed=seed, n_batch=n_batch,
+                 kv_f16=kv_f16)

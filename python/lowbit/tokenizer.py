@@ -1,0 +1,284 @@
+"""The tokenizer stored in a GGUF file: HF `tokenizers` from the embedded tokenizer.json, or rebuilt from the vocab."""
+from __future__ import annotations
+
+import codecs
+import functools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+from ._core import LowbitError
+
+log = logging.getLogger("lowbit.tokenizer")
+
+# llama.cpp token types.
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+# End-of-turn tokens of common chat formats; generation stops on these as well as on EOS.
+_EOT_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>")
+
+# Split regexes for tokenizer.ggml.pre values (the pre-tokenizers of the HF tokenizers these files came from).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
+           "dbrx": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+
+
+@functools.lru_cache(maxsize=1)
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table: printable Latin-1 bytes map to themselves, the other 68
+    bytes to U+0100 onwards, in byte order (the byte-level BPE spelling)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    return {c: b for b, c in byte_alphabet().items()}
+
+
+@dataclass
+class Tokenizer:
+    """Encode/decode exactly as the Hugging Face tokenizer the file was made from.
+
+    tok = Tokenizer.from_gguf("model.gguf")
+    ids = tok.encode("Hello")                  # BOS added when the file says add_bos_token
+    text = tok.decode(ids, skip_special=True)
+    """
+
+    hf: Any                                    # tokenizers.Tokenizer
+    kind: str                                  # "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    tokens: list[str]
+    token_types: list[int]
+    bos_id: Optional[int] = None
+    eos_id: Optional[int] = None
+    add_bos: bool = False
+    add_eos: bool = False
+    chat_template: Optional[str] = None
+    eot_ids: frozenset = field(default_factory=frozenset)
+    _pieces: dict = field(default_factory=dict, repr=False)
+
+    # ---- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_gguf(cls, gguf_file: Union[str, Path, Any], prefer_embedded: bool = True) -> "Tokenizer":
+        """From a GGUF path or an open lowbit.GGUFFile. prefer_embedded=False ignores tokenizer.huggingface.json
+        and rebuilds the tokenizer from the tokenizer.ggml.* keys (as for files made by llama.cpp)."""
+        if isinstance(gguf_file, (str, Path)):
+            from .gguf import GGUFFile
+
+            gguf_file = GGUFFile(gguf_file)
+        return cls.from_metadata(gguf_file.metadata, prefer_embedded)
+
+    @classmethod
+    def from_metadata(cls, md: dict, prefer_embedded: bool = True) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        kind = md.get("tokenizer.ggml.model")
+        tokens = list(md.get("tokenizer.ggml.tokens") or [])
+        if not tokens:
+            raise LowbitError("the GGUF file has no tokenizer.ggml.tokens; it cannot be tokenized")
+        types = list(md.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
+        embedded = md.get("tokenizer.huggingface.json")
+        if prefer_embedded and embedded:
+            hf = HFTokenizer.from_str(embedded)
+        elif kind == "gpt2":
+            hf = _build_byte_level(tokens, types, list(md.get("tokenizer.ggml.merges") or []),
+                                   md.get("tokenizer.ggml.pre", "default"))
+        elif kind == "llama":
+            hf = _build_sentencepiece(tokens, types, list(md.get("tokenizer.ggml.scores") or []),
+                                      bool(md.get("tokenizer.ggml.add_space_prefix", True)))
+        else:
+            raise LowbitError(f"tokenizer.ggml.model={kind!r} is not supported (gpt2 byte-level BPE or llama "
+                              f"SentencePiece)")
+        bos, eos = md.get("tokenizer.ggml.bos_token_id"), md.get("tokenizer.ggml.eos_token_id")
+        add_bos = md.get("tokenizer.ggml.add_bos_token")
+        eot = {i for i in (eos, md.get("tokenizer.ggml.eot_token_id"), md.get("tokenizer.ggml.eom_token_id"))
+               if i is not None}
+        index = {t: i for i, t in enumerate(tokens)}
+        eot.update(index[t] for t in _EOT_TEXTS if t in index and types[index[t]] == _CONTROL)
+        return cls(hf=hf, kind=kind, tokens=tokens, token_types=types, bos_id=bos, eos_id=eos,
+                   add_bos=bool(add_bos) if add_bos is not None else kind == "llama",
+                   add_eos=bool(md.get("tokenizer.ggml.add_eos_token", False)),
+                   chat_template=md.get("tokenizer.chat_template"), eot_ids=frozenset(eot))
+
+    # ---- encode / decode ---------------------------------------------------------------------------
+
+    @property
+    def n_vocab(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, text: str, add_bos: Optional[bool] = None, special: bool = True,
+               add_eos: Optional[bool] = None) -> list[int]:
+        """Token ids of text. add_bos/add_eos: None follows the file's add_bos_token/add_eos_token.
+        special=False tokenizes special-token text (e.g. "<|im_end|>") as plain text."""
+        self.hf.encode_special_tokens = not special
+        try:
+            ids = self.hf.encode(text, add_special_tokens=False).ids
+        finally:
+            self.hf.encode_special_tokens = False
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        if (self.add_eos if add_eos is None else add_eos) and self.eos_id is not None:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_to_piece(self, token_id: int) -> bytes:
+        """The bytes token_id stands for (a piece of UTF-8 that may end mid-character)."""
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            if not 0 <= token_id < len(self.tokens):
+                raise LowbitError(f"token id {token_id} is out of range (vocabulary of {len(self.tokens)})")
+            text, ttype = self.tokens[token_id], self.token_types[token_id]
+            if ttype in (_CONTROL, _USER_DEFINED, _UNKNOWN, _UNUSED):
+                piece = text.encode("utf-8")
+            elif self.kind == "gpt2":
+                dec = _byte_decoder()
+                piece = bytes(dec[c] for c in text) if all(c in dec for c in text) else text.encode("utf-8")
+            elif ttype == _BYTE and len(text) == 6 and text.startswith("<0x"):
+                piece = bytes([int(text[3:5], 16)])
+            else:
+                piece = text.replace("\u2581", " ").encode("utf-8")
+            self._pieces[token_id] = piece
+        return piece
+
+    def decode_bytes(self, ids: Iterable[int], skip_special: bool = False) -> bytes:
+        """The raw bytes of a token sequence (SentencePiece: without the leading space of the first piece)."""
+        out = b"".join(self.token_to_piece(i) for i in ids
+                       if not (skip_special and self.token_types[i] == _CONTROL))
+        if self.kind == "llama" and out.startswith(b" "):
+            out = out[1:]
+        return out
+
+    def stream_decoder(self, skip_special: bool = False) -> "StreamDecoder":
+        """Incremental detokenizer: feed ids one at a time, get back only complete UTF-8 text."""
+        return StreamDecoder(self, skip_special)
+
+    def is_eog(self, token_id: int) -> bool:
+        """True for tokens that end generation (EOS and end-of-turn tokens such as <|im_end|>)."""
+        return token_id in self.eot_ids
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
+        """Render messages with the file's tokenizer.chat_template (Jinja, sandboxed)."""
+        if not self.chat_template:
+            raise LowbitError("the GGUF file has no tokenizer.chat_template; format the prompt yourself")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(msg: str) -> None:
+            raise LowbitError(f"chat template: {msg}")
+
+        env.globals["raise_exception"] = raise_exception
+        tmpl = env.from_string(self.chat_template)
+        bos = self.tokens[self.bos_id] if self.bos_id is not None else ""
+        eos = self.tokens[self.eos_id] if self.eos_id is not None else ""
+        return tmpl.render(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos,
+                           eos_token=eos, **extra)
+
+
+class StreamDecoder:
+    """UTF-8 safe streaming: text is released only once its bytes form whole characters."""
+
+    def __init__(self, tok: Tokenizer, skip_special: bool = False):
+        self._tok = tok
+        self._skip = skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._first = True
+
+    def feed(self, token_id: int) -> str:
+        if self._skip and self._tok.token_types[token_id] == _CONTROL:
+            return ""
+        piece = self._tok.token_to_piece(token_id)
+        if self._first and self._tok.kind == "llama" and piece.startswith(b" "):
+            piece = piece[1:]
+        self._first = False
+        return self._utf8.decode(piece)
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+# ---- rebuilding from tokenizer.ggml.* ----------------------------------------------------------------
+
+
+def _added(tokens: list[str], types: list[int]):
+    from tokenizers import AddedToken
+
+    return [AddedToken(t, special=(ty == _CONTROL), normalized=False)
+            for t, ty in zip(tokens, types) if ty in (_CONTROL, _USER_DEFINED)]
+
+
+def _build_byte_level(tokens: list[str], types: list[int], merges: list[str], pre: str):
+    """Byte-level BPE from the file's vocabulary and merges, with the pre-tokenizer tokenizer.ggml.pre names."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    spell = byte_alphabet()
+    alphabet = set(spell.values())
+    vocab: dict[str, int] = {}
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        # Normal tokens are stored byte-level spelled; a few writers store raw text, so re-spell those.
+        key = t if ty in (_CONTROL, _USER_DEFINED) or set(t) <= alphabet else "".join(
+            spell[b] for b in t.encode("utf-8"))
+        vocab.setdefault(key, i)
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    split = _SPLITS.get(pre)
+    if split is not None:
+        hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre == "smollm":
+        # SmolLM's tokenizer.json: every digit is its own pre-token, then GPT-2's split.
+        hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    else:
+        if pre not in ("gpt-2", "gpt2", "default", None):
+            log.warning("tokenizer.ggml.pre=%r is not known to lowbit; using GPT-2's split (tokens may differ "
+                        "from the original tokenizer)", pre)
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_tokens(_added(tokens, types))
+    return hf
+
+
+def _build_sentencepiece(tokens: list[str], types: list[int], scores: list[float], add_space_prefix: bool):
+    """SentencePiece BPE (llama) as a `tokenizers` BPE with byte fallback: merges ranked by the score of the
+    merged piece (higher first), "▁" for spaces, <0xNN> byte tokens for unknown characters."""
+    from tokenizers import decoders, models, normalizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if len(scores) != len(tokens):
+        raise LowbitError("tokenizer.ggml.scores is missing or does not match tokenizer.ggml.tokens")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for t, ty, score in zip(tokens, types, scores):
+        if ty != _NORMAL or len(t) < 2:
+            continue
+        for k in range(1, len(t)):
+            a, b = t[:k], t[k:]
+            if a in vocab and b in vocab:
+                merges.append((score, vocab[a], vocab[b], a, b))
+    merges.sort(key=lambda m: (-m[0], m[1], m[2]))
+    unk = next((tokens[i] for i, ty in enumerate(types) if ty == _UNKNOWN), None)
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], unk_token=unk,
+                                fuse_unk=True, byte_fallback=True))
+    steps = [normalizers.Prepend("\u2581")] if add_space_prefix else []
+    hf.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    hf.add_tokens(_added(tokens, types))
+    return hf

@@ -1,0 +1,282 @@
+"""lowbit vs llama.cpp (through llama-cpp-python) on the same GGUF files, same thread count, same run.
+
+Measures prompt tokens/s (128 and 512), decode tokens/s, warm load time and peak RSS, each engine in its own
+subprocess (so RSS is its own), several repetitions, medians; prints a markdown table with ratios
+lowbit / llama.cpp, plus a memory-read bandwidth probe and the bandwidth each decode achieves.
+
+    python tests/bench/vs_llamacpp.py [--threads 2] [--reps 3] [--models smollm2,tiny11b] [--out results.json]
+
+Needs `pip install llama-cpp-python` (builds llama.cpp from source: several minutes; cache the wheel).
+Models: SmolLM2-135M-Instruct requantized by lowbit from llama.cpp's Q4_1 file to F16, Q8_0, Q4_0, NF4, and a
+random model with TinyLlama-1.1B shapes (hidden 2048, ffn 5632, 22 layers, 32 heads, 4 KV heads) written by
+lowbit in Q4_0 and Q8_0 (SmolLM2's tokenizer, so llama.cpp accepts it). NF4 has no llama.cpp counterpart: it
+is compared with lowbit's own Q4_0 on the same model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+# ---- the measurement that runs inside a child process ---------------------------------------------
+
+CHILD = r"""
+import json, resource, sys, time
+import numpy as np
+engine, path, threads, reps, n_gen = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+rng = np.random.default_rng(0)
+out = {"pp128": [], "pp512": [], "tg": []}
+t0 = time.perf_counter()
+if engine == "lowbit":
+    import lowbit
+    m = lowbit.load(path, n_ctx=1024, n_threads=threads, n_batch=512)
+    n_vocab = m.n_vocab
+    def prompt(toks):
+        m.reset(); m.generate_tokens(toks, max_new_tokens=0, add_bos=False)
+    def decode(toks, n):
+        m.reset(); m.generate_tokens(toks, max_new_tokens=n + 1, temperature=0.0, add_bos=False, stop_at_eos=False)
+        return m.last_timings["generate_seconds"], m.last_timings["generated_tokens"] - 1
+else:
+    import llama_cpp
+    m = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                        n_ubatch=512, n_gpu_layers=0, verbose=False)
+    n_vocab = m.n_vocab()
+    def prompt(toks):
+        m.reset(); m.eval(toks)
+    def decode(toks, n):
+        m.reset(); m.eval(toks)
+        tok = int(np.argmax(m.scores[m.n_tokens - 1]))
+        t = time.perf_counter()
+        for _ in range(n):
+            m.eval([tok])
+            tok = int(np.argmax(m.scores[m.n_tokens - 1]))
+        return time.perf_counter() - t, n
+out["load_s"] = time.perf_counter() - t0
+prompt(rng.integers(0, n_vocab, 16).tolist())  # warm-up
+for _ in range(reps):
+    for n in (128, 512):
+        toks = rng.integers(0, n_vocab, n).tolist()
+        t = time.perf_counter(); prompt(toks); dt = time.perf_counter() - t
+        out[f"pp{n}"].append(n / dt)
+    secs, n = decode(rng.integers(0, n_vocab, 8).tolist(), n_gen)
+    out["tg"].append(n / secs)
+out["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("RESULT " + json.dumps(out))
+"""
+
+
+def run_child(engine: str, path: Path, threads: int, reps: int, n_gen: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, engine, str(path), str(threads), str(reps), str(n_gen)],
+                          capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{engine} on {path.name} failed:\n{proc.stderr[-3000:]}")
+
+
+def warm_load(engine: str, path: Path, threads: int) -> float:
+    """Second-load time (page cache warm), median of 3 child processes."""
+    code = ("import time,sys;t=time.perf_counter();"
+            + ("import lowbit;m=lowbit.load(sys.argv[1],n_ctx=1024,n_threads=%d)" % threads if engine == "lowbit" else
+               "import llama_cpp;m=llama_cpp.Llama(model_path=sys.argv[1],n_ctx=1024,n_threads=%d,verbose=False)"
+               % threads)
+            + ";print('LOAD',time.perf_counter()-t)")
+    times = []
+    for _ in range(3):
+        # Import time is excluded: measure from just before the import to after the constructor, minus a bare import.
+        p = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+        for line in p.stdout.splitlines():
+            if line.startswith("LOAD "):
+                times.append(float(line.split()[1]))
+    return statistics.median(times) if times else float("nan")
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+
+def smollm2_files(cache: Path) -> dict[str, Path]:
+    from lowbit.converter import quantize_file
+    from lowbit.hub import fetch_smollm2
+
+    src = fetch_smollm2(cache)
+    files = {}
+    for qt in ("f16", "q8_0", "q4_0", "nf4"):
+        out = cache / f"bench-smollm2-135m-{qt}.gguf"
+        if not out.exists():
+            quantize_file(src, out, qt, progress=False)
+        files[qt] = out
+    return files
+
+
+def tiny11b_files(cache: Path) -> dict[str, Path]:
+    """A random model with TinyLlama-1.1B shapes, written tensor by tensor (never whole in memory)."""
+    import lowbit
+    from lowbit.hub import fetch_smollm2
+
+    vocab_src = lowbit.GGUFFile(fetch_smollm2(cache))
+    tok_keys = {k: v for k, v in vocab_src.metadata.items() if k.startswith("tokenizer.")}
+    types = {k: vocab_src.field(k)[0] for k in tok_keys} if hasattr(vocab_src, "field") else {}
+    n_vocab = len(tok_keys["tokenizer.ggml.tokens"])
+    n_embd, n_ff, n_layer, n_head, n_head_kv = 2048, 5632, 22, 32, 4
+    head_dim = n_embd // n_head
+    files = {}
+    for qt in ("q4_0", "q8_0"):
+        out = cache / f"bench-tiny11b-{qt}.gguf"
+        files[qt] = out
+        if out.exists():
+            continue
+        qtype = lowbit.QType.from_name(qt)
+        shapes = [("token_embd.weight", (n_vocab, n_embd), qtype), ("output_norm.weight", (n_embd,), lowbit.QType.F32)]
+        for i in range(n_layer):
+            shapes += [
+                (f"blk.{i}.attn_norm.weight", (n_embd,), lowbit.QType.F32),
+                (f"blk.{i}.attn_q.weight", (n_embd, n_embd), qtype),
+                (f"blk.{i}.attn_k.weight", (n_head_kv * head_dim, n_embd), qtype),
+                (f"blk.{i}.attn_v.weight", (n_head_kv * head_dim, n_embd), qtype),
+                (f"blk.{i}.attn_output.weight", (n_embd, n_embd), qtype),
+                (f"blk.{i}.ffn_norm.weight", (n_embd,), lowbit.QType.F32),
+                (f"blk.{i}.ffn_gate.weight", (n_ff, n_embd), qtype),
+                (f"blk.{i}.ffn_up.weight", (n_ff, n_embd), qtype),
+                (f"blk.{i}.ffn_down.weight", (n_embd, n_ff), qtype),
+            ]
+        rng = np.random.default_rng(0)
+        with lowbit.GGUFWriter(out) as w:
+            md = {
+                "general.architecture": "llama", "general.name": "random-tinyllama-1.1b-shape",
+                "general.file_type": 2 if qt == "q4_0" else 7, "general.quantization_version": 2,
+                "llama.context_length": 2048, "llama.embedding_length": n_embd, "llama.block_count": n_layer,
+                "llama.feed_forward_length": n_ff, "llama.rope.dimension_count": head_dim,
+                "llama.attention.head_count": n_head, "llama.attention.head_count_kv": n_head_kv,
+                "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.rope.freq_base": 10000.0,
+            }
+            from lowbit.gguf import GGUFValueType as VT
+
+            u32 = {"general.file_type", "general.quantization_version", "llama.context_length",
+                   "llama.embedding_length", "llama.block_count", "llama.feed_forward_length",
+                   "llama.rope.dimension_count", "llama.attention.head_count", "llama.attention.head_count_kv"}
+            for k, v in md.items():
+                w.add_metadata(k, v, VT.UINT32 if k in u32 else (VT.FLOAT32 if isinstance(v, float) else None))
+            for k, v in tok_keys.items():
+                w.add_metadata(k, v, types.get(k))
+            for name, shape, t in shapes:
+                w.add_tensor_info(name, shape, t)
+            w.write_header()
+            for name, shape, t in shapes:
+                if t == lowbit.QType.F32:
+                    x = np.ones(shape, np.float32)
+                else:
+                    x = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+                w.write_tensor_data(lowbit.quantize(x, t) if t != lowbit.QType.F32 else x.tobytes())
+            w.finish()
+    return files
+
+
+# ---- bandwidth probe ------------------------------------------------------------------------------
+
+
+def read_bandwidth(threads: int, gib: float = 1.0, reps: int = 5) -> float:
+    """GB/s of a STREAM-like sum over a buffer much larger than the caches, split over `threads` threads."""
+    a = np.ones(int(gib * 2**30) // 8, dtype=np.float64)
+    parts = np.array_split(a, threads)
+    best = []
+    with ThreadPoolExecutor(threads) as ex:
+        for _ in range(reps):
+            t = time.perf_counter()
+            list(ex.map(np.sum, parts))
+            best.append(a.nbytes / (time.perf_counter() - t) / 1e9)
+    return statistics.median(best)
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes read per decoded token: every tensor but the token embedding (a row gather), plus the output head,
+    which for tied embeddings is token_embd itself."""
+    import lowbit
+
+    f = lowbit.GGUFFile(path)
+    names = {t.name: t.nbytes for t in f.tensors}
+    total = sum(v for k, v in names.items() if k != "token_embd.weight")
+    if "output.weight" not in names:
+        total += names["token_embd.weight"]
+    return total
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--n-gen", type=int, default=64)
+    ap.add_argument("--models", default="smollm2,tiny11b")
+    ap.add_argument("--cache", default=None)
+    ap.add_argument("--out", default=None, help="write raw results as JSON")
+    args = ap.parse_args()
+    from lowbit.hub import default_cache_dir
+
+    cache = Path(args.cache) if args.cache else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        import llama_cpp  # noqa: F401
+        have_llamacpp = True
+    except ImportError:
+        have_llamacpp = False
+        print("llama-cpp-python is not installed: measuring lowbit only", file=sys.stderr)
+
+    files = []
+    if "smollm2" in args.models:
+        files += [("SmolLM2-135M", qt, p) for qt, p in smollm2_files(cache).items()]
+    if "tiny11b" in args.models:
+        files += [("1.1B-shape", qt, p) for qt, p in tiny11b_files(cache).items()]
+
+    bw = read_bandwidth(args.threads)
+    results = []
+    for model, qt, path in files:
+        row = {"model": model, "type": qt, "file": path.name, "weight_bytes": weight_bytes(path)}
+        row["lowbit"] = run_child("lowbit", path, args.threads, args.reps, args.n_gen)
+        row["lowbit"]["warm_load_s"] = warm_load("lowbit", path, args.threads)
+        if have_llamacpp and qt != "nf4":
+            row["llamacpp"] = run_child("llamacpp", path, args.threads, args.reps, args.n_gen)
+            row["llamacpp"]["warm_load_s"] = warm_load("llamacpp", path, args.threads)
+        results.append(row)
+        print(f"done: {model} {qt}", file=sys.stderr)
+
+    med = statistics.median
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; threads {args.threads}; "
+          f"read bandwidth {bw:.1f} GB/s (median of 5)\n")
+    print("| model | type | metric | lowbit | llama.cpp | ratio |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        lb, lc = r["lowbit"], r.get("llamacpp")
+        for metric, key, fmt in (("prompt 128 (tok/s)", "pp128", "{:.1f}"), ("prompt 512 (tok/s)", "pp512", "{:.1f}"),
+                                 (f"decode {args.n_gen} (tok/s)", "tg", "{:.1f}")):
+            a = med(lb[key])
+            b = med(lc[key]) if lc else None
+            print(f"| {r['model']} | {r['type']} | {metric} | {fmt.format(a)} | "
+                  f"{fmt.format(b) if b else '-'} | {a / b:.2f} |" if b else
+                  f"| {r['model']} | {r['type']} | {metric} | {fmt.format(a)} | - | - |")
+        for metric, key, fmt in (("warm load (s)", "warm_load_s", "{:.3f}"), ("peak RSS (MiB)", "rss_mib", "{:.0f}")):
+            a = lb[key]
+            b = lc[key] if lc else None
+            print(f"| {r['model']} | {r['type']} | {metric} | {fmt.format(a)} | "
+                  + (f"{fmt.format(b)} | {a / b:.2f} |" if b else "- | - |"))
+        gbs = r["weight_bytes"] * med(lb["tg"]) / 1e9
+        extra = f"; llama.cpp {r['weight_bytes'] * med(lc['tg']) / 1e9:.1f} GB/s" if lc else ""
+        print(f"| {r['model']} | {r['type']} | decode bandwidth | {gbs:.1f} GB/s ({100 * gbs / bw:.0f}% of probe)"
+              f"{extra} | | |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"bandwidth_gbs": bw, "threads": args.threads, "results": results},
+                                             indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,500 @@
+"""HF -> GGUF conversion and GGUF requantization, checked against transformers, gguf-py and bitsandbytes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+import lowbit
+from tiny_models import load_hf_state, make_tiny_llama
+
+GT = gguf.GGMLQuantizationType
+VT = gguf.GGUFValueType
+
+# HF name -> GGUF name, written out independently of the converter's table.
+_HF_TO_GGUF = {
+    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+          "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def _gguf_name(hf: str) -> str:
+    if hf in _HF_TO_GGUF:
+        return _HF_TO_GGUF[hf]
+    parts = hf.split(".")
+    return f"blk.{parts[2]}.{_LAYER['.'.join(parts[3:-1])]}.weight"
+
+
+def _rope_interleave(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of each head reordered from HF's halves (i, i + d/2) to ggml's adjacent pairs (2i, 2i + 1):
+    new row 2i + j of a head is old row j * d/2 + i."""
+    d = w.shape[0] // n_heads
+    idx = [h * d + j * (d // 2) + i for h in range(n_heads) for i in range(d // 2) for j in range(2)]
+    return w[idx]
+
+
+def expected_tensors(hf_dir: Path) -> dict[str, np.ndarray]:
+    """What the GGUF should hold (float32), computed from transformers' own loading of the checkpoint."""
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    out = {}
+    for hf, w in load_hf_state(hf_dir).items():
+        if hf == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+            continue
+        name = _gguf_name(hf)
+        if name.endswith("attn_q.weight"):
+            w = _rope_interleave(w, n_head)
+        elif name.endswith("attn_k.weight"):
+            w = _rope_interleave(w, n_kv)
+        out[name] = w
+    return out
+
+
+def read(path: Path) -> tuple[dict, dict]:
+    """(fields, tensors) of a GGUF as llama.cpp's gguf-py reads it."""
+    r = gguf.GGUFReader(str(path))
+    return r.fields, {t.name: t for t in r.tensors}
+
+
+def check_tensor(path: Path, t, want: np.ndarray, qtype: int) -> None:
+    """The stored tensor equals `want` converted to qtype: F32 exactly, F16/BF16 by round-to-nearest-even,
+    block types byte for byte with gguf-py's reference quantizer."""
+    assert int(t.tensor_type) == qtype, t.name
+    assert tuple(int(d) for d in reversed(t.shape.tolist())) == want.shape
+    data = np.asarray(t.data)
+    if qtype == GT.F32:
+        np.testing.assert_array_equal(data.reshape(want.shape), want)
+    elif qtype == GT.F16:
+        np.testing.assert_array_equal(data.reshape(want.shape), want.astype(np.float16))
+    elif qtype == GT.BF16:
+        ref = gguf.quants.quantize(want, GT.BF16)
+        np.testing.assert_array_equal(data.view(np.uint8).reshape(-1), ref.view(np.uint8).reshape(-1))
+        got = gguf.quants.dequantize(data, GT.BF16).reshape(want.shape)
+        np.testing.assert_allclose(got, want, rtol=2**-8, atol=0)
+    else:
+        ref = gguf.quants.quantize(want, GT(qtype))
+        np.testing.assert_array_equal(data.reshape(-1), ref.reshape(-1))
+        got = gguf.quants.dequantize(data, GT(qtype)).reshape(want.shape)
+        # Per block, the error is at most one quantization step (Q8_0: amax/127, 4-bit: amax/7 or range/15).
+        step = {GT.Q8_0: 1 / 127, GT.Q4_0: 1 / 7, GT.Q4_1: 1 / 15 * 2}[GT(qtype)]
+        blocks = want.reshape(-1, 32)
+        bound = np.abs(blocks).max(axis=1, keepdims=True) * step * 1.01 + 1e-6
+        assert np.all(np.abs(got.reshape(-1, 32) - blocks) <= bound), t.name
+    # lowbit's own reader and dequantizer agree with gguf-py's.
+    lb = lowbit.GGUFFile(path).tensor(t.name).to_numpy()
+    np.testing.assert_array_equal(lb, gguf.quants.dequantize(data, GT(qtype)).reshape(want.shape))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("hf"))
+
+
+@pytest.fixture(scope="module")
+def tiny_expected(tiny) -> dict[str, np.ndarray]:
+    return expected_tensors(tiny)
+
+
+OUT_TYPES = {"f32": GT.F32, "f16": GT.F16, "bf16": GT.BF16, "q8_0": GT.Q8_0, "q4_0": GT.Q4_0, "q4_1": GT.Q4_1}
+
+
+@pytest.mark.parametrize("outtype", list(OUT_TYPES))
+def test_outtypes_match_hf_weights(tiny, tiny_expected, tmp_path, outtype):
+    out = lowbit.convert(tiny, tmp_path / f"m-{outtype}.gguf", outtype=outtype, progress=False)
+    fields, tensors = read(out)
+    assert set(tensors) == set(tiny_expected)
+    for name, want in tiny_expected.items():
+        qtype = GT.F32 if want.ndim == 1 else OUT_TYPES[outtype]
+        check_tensor(out, tensors[name], want, qtype)
+    # llama.cpp's reader requires dense, in-order data; gguf-py exposes the offsets.
+    order = [t.name for t in gguf.GGUFReader(str(out)).tensors]
+    assert order[0] == "token_embd.weight" and order[-2:] == ["output_norm.weight", "output.weight"]
+
+
+@pytest.mark.parametrize("variant", [
+    dict(dtype="bfloat16"), dict(dtype="float16"), dict(fmt="sharded"), dict(fmt="bin"),
+    dict(fmt="sharded_bin", dtype="bfloat16"), dict(tied=True), dict(n_kv_heads=4), dict(n_kv_heads=1),
+    dict(head_dim=32), dict(tied=True, fmt="sharded", dtype="bfloat16", n_kv_heads=1),
+])
+def test_checkpoint_variants(tmp_path, variant):
+    hf_dir = make_tiny_llama(tmp_path, seed=3, **variant)
+    want = expected_tensors(hf_dir)
+    out = lowbit.convert(hf_dir, tmp_path / "m.gguf", outtype="f32", progress=False)
+    fields, tensors = read(out)
+    assert set(tensors) == set(want)
+    assert ("output.weight" in tensors) == (not variant.get("tied", False))
+    for name, w in want.items():
+        check_tensor(out, tensors[name], w, GT.F32)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    assert fields["llama.attention.head_count_kv"].contents() == cfg["num_key_value_heads"]
+    head_dim = variant.get("head_dim", 16)
+    assert fields["llama.rope.dimension_count"].contents() == head_dim
+    if "head_dim" in variant:
+        assert fields["llama.attention.key_length"].contents() == head_dim
+        assert fields["llama.attention.value_length"].contents() == head_dim
+    else:
+        assert "llama.attention.key_length" not in fields
+
+
+def test_permutation_makes_interleaved_rope_equal_hf_rope(tiny, tmp_path):
+    """ggml's RoPE rotates adjacent pairs (2i, 2i+1); HF's rotates (i, i + d/2). With the permuted weights,
+    q.k after ggml RoPE equals q.k after HF RoPE (transformers' own rotary code)."""
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    out = lowbit.convert(tiny, tmp_path / "m.gguf", outtype="f32", progress=False)
+    _, tensors = read(out)
+    hf = load_hf_state(tiny)
+    d, n_head, n_kv, base = 16, 4, 2, 10000.0
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    pos = np.array([0, 5, 17])
+    inv = base ** (-np.arange(0, d, 2) / d)
+    ang = pos[:, None] * inv[None, :]
+    cos = torch.tensor(np.concatenate([np.cos(ang)] * 2, axis=1), dtype=torch.float32)[None]
+    sin = torch.tensor(np.concatenate([np.sin(ang)] * 2, axis=1), dtype=torch.float32)[None]
+
+    def hf_proj(w, n):
+        return torch.tensor((x @ w.T).reshape(3, n, d)).transpose(0, 1)[None]
+    q_hf, k_hf = apply_rotary_pos_emb(hf_proj(hf["model.layers.0.self_attn.q_proj.weight"], n_head),
+                                      hf_proj(hf["model.layers.0.self_attn.k_proj.weight"], n_kv), cos, sin)
+
+    def ggml_rope(w, n):
+        y = (x @ np.asarray(tensors[w].data).reshape(-1, 64).T).reshape(3, n, d // 2, 2)
+        c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+        return np.stack([y[..., 0] * c - y[..., 1] * s, y[..., 0] * s + y[..., 1] * c], axis=-1).reshape(3, n, d)
+    q_g = ggml_rope("blk.0.attn_q.weight", n_head)
+    k_g = ggml_rope("blk.0.attn_k.weight", n_kv)
+    scores_hf = np.einsum("hqd,gkd->hgqk", q_hf[0].numpy(), k_hf[0].numpy())
+    scores_g = np.einsum("qhd,kgd->hgqk", q_g, k_g)
+    np.testing.assert_allclose(scores_g, scores_hf, rtol=1e-4, atol=1e-4)
+
+
+def test_metadata_keys_and_types(tiny, tmp_path):
+    out = lowbit.convert(tiny, tmp_path / "m.gguf", outtype="q8_0", progress=False)
+    fields, _ = read(out)
+    cfg = json.loads((tiny / "config.json").read_text())
+    expect = {
+        "general.architecture": (VT.STRING, "llama"),
+        "general.file_type": (VT.UINT32, 7),
+        "general.quantization_version": (VT.UINT32, 2),
+        "general.alignment": (VT.UINT32, 32),
+        "llama.context_length": (VT.UINT32, 256),
+        "llama.embedding_length": (VT.UINT32, 64),
+        "llama.block_count": (VT.UINT32, 2),
+        "llama.feed_forward_length": (VT.UINT32, 128),
+        "llama.rope.dimension_count": (VT.UINT32, 16),
+        "llama.attention.head_count": (VT.UINT32, 4),
+        "llama.attention.head_count_kv": (VT.UINT32, 2),
+        "llama.attention.layer_norm_rms_epsilon": (VT.FLOAT32, np.float32(1e-5)),
+        "llama.rope.freq_base": (VT.FLOAT32, 10000.0),
+        "llama.vocab_size": (VT.UINT32, cfg["vocab_size"]),
+        "tokenizer.ggml.model": (VT.STRING, "gpt2"),
+        "tokenizer.ggml.pre": (VT.STRING, "smollm"),
+        "tokenizer.ggml.bos_token_id": (VT.UINT32, 1),
+        "tokenizer.ggml.eos_token_id": (VT.UINT32, 2),
+        "tokenizer.ggml.unknown_token_id": (VT.UINT32, 0),
+        "tokenizer.ggml.padding_token_id": (VT.UINT32, 2),
+        "tokenizer.ggml.add_bos_token": (VT.BOOL, False),
+        "tokenizer.ggml.add_eos_token": (VT.BOOL, False),
+        "tokenizer.chat_template": (VT.STRING, (tiny / "chat_template.jinja").read_text()),
+        "tokenizer.huggingface.json": (VT.STRING, (tiny / "tokenizer.json").read_text()),
+    }
+    for key, (vt, value) in expect.items():
+        assert fields[key].types[0] == vt, key
+        got = fields[key].contents()
+        assert got == value, (key, got, value)
+    assert "general.name" in fields
+    tok = json.loads((tiny / "tokenizer.json").read_text())
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert fields["tokenizer.ggml.tokens"].types == [VT.ARRAY, VT.STRING]
+    assert fields["tokenizer.ggml.token_type"].types == [VT.ARRAY, VT.INT32]
+    assert len(tokens) == cfg["vocab_size"]
+    for text, i in tok["model"]["vocab"].items():
+        assert tokens[i] == text
+    added = {a["content"]: a for a in tok["added_tokens"]}
+    for text, a in added.items():
+        assert tokens[a["id"]] == text
+        assert types[a["id"]] == (3 if a["special"] else 4), text
+    assert sum(t == 1 for t in types) == len(tokens) - len(added)
+    merges = tok["model"]["merges"]
+    assert fields["tokenizer.ggml.merges"].contents() == [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
+@pytest.mark.parametrize("overrides,scaling", [
+    ({"rope_parameters": None, "rope_theta": 500000.0, "rope_scaling": None}, None),
+    ({"rope_parameters": None, "rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 4.0}}, 4.0),
+    ({"rope_parameters": {"rope_theta": 250000.0, "rope_type": "linear", "factor": 2.0}}, 2.0),
+    ({"rope_parameters": {"rope_theta": 250000.0, "rope_type": "default"}}, None),
+])
+def test_rope_configs(tmp_path, overrides, scaling):
+    hf_dir = make_tiny_llama(tmp_path, config_overrides=overrides)
+    out = lowbit.convert(hf_dir, tmp_path / "m.gguf", outtype="f16", progress=False)
+    fields, _ = read(out)
+    theta = overrides.get("rope_theta") or overrides["rope_parameters"]["rope_theta"]
+    assert fields["llama.rope.freq_base"].contents() == theta
+    if scaling is None:
+        assert "llama.rope.scaling.type" not in fields
+    else:
+        assert fields["llama.rope.scaling.type"].contents() == "linear"
+        assert fields["llama.rope.scaling.factor"].types[0] == VT.FLOAT32
+        assert fields["llama.rope.scaling.factor"].contents() == scaling
+
+
+def test_keep_rules(tiny, tiny_expected, tmp_path):
+    out = lowbit.convert(tiny, tmp_path / "m.gguf", outtype="q4_0", progress=False,
+                         keep=["output=q8_0", "token_embd=f16", "blk.*.ffn_down*=q8_0", r"blk\.1\.attn_v=f32"])
+    fields, tensors = read(out)
+    want_types = {"output.weight": GT.Q8_0, "token_embd.weight": GT.F16, "blk.0.ffn_down.weight": GT.Q8_0,
+                  "blk.1.ffn_down.weight": GT.Q8_0, "blk.1.attn_v.weight": GT.F32, "blk.0.attn_v.weight": GT.Q4_0}
+    for name, want in tiny_expected.items():
+        qtype = want_types.get(name, GT.F32 if want.ndim == 1 else GT.Q4_0)
+        check_tensor(out, tensors[name], want, qtype)
+    assert fields["general.file_type"].contents() == 2
+    out2 = lowbit.convert(tiny, tmp_path / "m2.gguf", outtype="f16", progress=False, keep={"output": "q4_1"})
+    assert int(read(out2)[1]["output.weight"].tensor_type) == GT.Q4_1
+
+
+def test_bad_keep_and_outtype(tiny, tmp_path):
+    with pytest.raises(lowbit.LowbitError, match="PATTERN=TYPE"):
+        lowbit.convert(tiny, tmp_path / "m.gguf", keep=["output"], progress=False)
+    with pytest.raises(lowbit.LowbitError, match="unknown tensor type"):
+        lowbit.convert(tiny, tmp_path / "m.gguf", keep=["output=q3_k"], progress=False)
+    with pytest.raises(lowbit.LowbitError, match="unknown tensor type"):
+        lowbit.convert(tiny, tmp_path / "m.gguf", outtype="q5_0", progress=False)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_rows_not_multiple_of_block_fall_back_to_f16(tmp_path):
+    hf_dir = make_tiny_llama(tmp_path, intermediate=80)   # ffn_down rows of 80: not a multiple of 32
+    want = expected_tensors(hf_dir)
+    out = lowbit.convert(hf_dir, tmp_path / "m.gguf", outtype="q4_0", progress=False)
+    _, tensors = read(out)
+    check_tensor(out, tensors["blk.0.ffn_down.weight"], want["blk.0.ffn_down.weight"], GT.F16)
+    check_tensor(out, tensors["blk.0.ffn_up.weight"], want["blk.0.ffn_up.weight"], GT.Q4_0)
+
+
+def test_nf4_matches_bitsandbytes(tiny, tiny_expected, tmp_path):
+    import torch
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    out = lowbit.convert(tiny, tmp_path / "m.gguf", outtype="nf4", progress=False)
+    f = lowbit.GGUFFile(out)
+    assert f.metadata["general.file_type"] == 1024
+    for name, want in tiny_expected.items():
+        t = f.tensor(name)
+        if want.ndim == 1:
+            assert int(t.qtype) == 0
+            continue
+        assert int(t.qtype) == 1024
+        packed, state = quantize_4bit(torch.from_numpy(want), blocksize=64, quant_type="nf4")
+        ref = dequantize_4bit(packed, state).numpy()
+        np.testing.assert_array_equal(t.to_numpy(), ref)
+        # Block = fp32 absmax + 32 bytes, first element in the high nibble (bitsandbytes' packing).
+        blocks = np.asarray(t.data).reshape(-1, 36)
+        np.testing.assert_array_equal(blocks[:, :4].copy().view(np.float32).reshape(-1), state.absmax.numpy())
+        np.testing.assert_array_equal(blocks[:, 4:].reshape(-1), packed.numpy().reshape(-1))
+
+
+
+def test_nf4_dq_matches_bitsandbytes_double_quant(tiny, tiny_expected, tmp_path):
+    import torch
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    out = lowbit.convert(tiny, tmp_path / "m.gguf", outtype="nf4_dq", progress=False)
+    f = lowbit.GGUFFile(out)
+    assert f.metadata["general.file_type"] == 1025
+    for name, want in tiny_expected.items():
+        t = f.tensor(name)
+        assert int(t.qtype) == (0 if want.ndim == 1 else 1025)
+        if want.ndim == 2:
+            packed, state = quantize_4bit(torch.from_numpy(want), blocksize=64, quant_type="nf4",
+                                          compress_statistics=True)
+            # Layout: f32 offset, f32 absmax2[ng], u8 qabsmax[nb], u8 qs[nb * 32]; the 4-bit codes are bitsandbytes'.
+            nb = want.size // 64
+            ng = -(-nb // 256)
+            qs = np.asarray(t.data)[4 + 4 * ng + nb:]
+            np.testing.assert_array_equal(qs, packed.numpy().reshape(-1), err_msg=name)
+            # The offset (mean absmax) is correctly rounded in lowbit and summed in torch's order in bitsandbytes:
+            # a few ulps apart (tests/test_quants.py), so the scales agree to float32 rounding, not bit for bit.
+            np.testing.assert_allclose(t.to_numpy(), dequantize_4bit(packed, state).numpy(), rtol=1e-6, atol=0,
+                                       err_msg=name)
+
+def test_refuses_to_overwrite(tiny, tmp_path):
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"precious")
+    with pytest.raises(lowbit.LowbitError, match="already exists.*force"):
+        lowbit.convert(tiny, target, progress=False)
+    assert target.read_bytes() == b"precious"
+    lowbit.convert(tiny, target, outtype="f32", force=True, progress=False)
+    assert read(target)[0]["general.architecture"].contents() == "llama"
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_atomic_on_failure(tiny, tmp_path, monkeypatch, exc):
+    from lowbit.converter import plan
+
+    real = plan.encode
+    calls = []
+
+    def failing(x, qtype):
+        calls.append(1)
+        if len(calls) == 5:
+            raise exc("disk on fire")
+        return real(x, qtype)
+
+    monkeypatch.setattr("lowbit.converter.core.encode", failing)
+    with pytest.raises(exc):
+        lowbit.convert(tiny, tmp_path / "m.gguf", outtype="q8_0", progress=False)
+    assert len(calls) == 5
+    assert list(tmp_path.iterdir()) == []   # neither the target nor a temporary file
+
+
+def test_unsupported_architecture(tmp_path):
+    hf_dir = make_tiny_llama(tmp_path, architecture="GPTNeoXForCausalLM")
+    with pytest.raises(lowbit.LowbitError, match="GPTNeoXForCausalLM.*not supported"):
+        lowbit.convert(hf_dir, tmp_path / "m.gguf", progress=False)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_mistral_architecture_accepted(tmp_path):
+    hf_dir = make_tiny_llama(tmp_path, architecture="MistralForCausalLM")
+    out = lowbit.convert(hf_dir, tmp_path / "m.gguf", outtype="f16", progress=False)
+    assert read(out)[0]["general.architecture"].contents() == "llama"
+
+
+def test_missing_inputs(tmp_path):
+    with pytest.raises(lowbit.LowbitError, match="not a directory"):
+        lowbit.convert(tmp_path / "nope", tmp_path / "m.gguf", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(lowbit.LowbitError, match="config.json"):
+        lowbit.convert(tmp_path / "empty", tmp_path / "m.gguf", progress=False)
+
+
+def test_quantize_file_round_trip(tiny, tmp_path):
+    f32 = lowbit.convert(tiny, tmp_path / "f32.gguf", outtype="f32", progress=False)
+    direct = lowbit.convert(tiny, tmp_path / "q8.gguf", outtype="q8_0", progress=False,
+                            keep={"token_embd": "f16"})
+    requant = lowbit.quantize_file(f32, tmp_path / "rq8.gguf", "q8_0", keep={"token_embd": "f16"},
+                                           progress=False)
+    fd, td = read(direct)
+    fr, tr = read(requant)
+    assert list(td) == list(tr)
+    for name in td:
+        assert td[name].tensor_type == tr[name].tensor_type
+        np.testing.assert_array_equal(np.asarray(td[name].data), np.asarray(tr[name].data))
+    for key in fd:
+        if key.startswith("GGUF."):
+            continue
+        assert fr[key].types == fd[key].types, key
+        assert fr[key].contents() == fd[key].contents(), key
+    # Requantize again (q8_0 -> q4_0) and update file_type; refuse to overwrite.
+    q4 = lowbit.quantize_file(requant, tmp_path / "q4.gguf", "q4_0", progress=False)
+    assert read(q4)[0]["general.file_type"].contents() == 2
+    with pytest.raises(lowbit.LowbitError, match="already exists"):
+        lowbit.quantize_file(requant, q4, "q4_0", progress=False)
+
+
+def test_quantize_file_reads_gguf_py_files(tmp_path):
+    """A file written by llama.cpp's own writer (gguf-py), F16 weights: requantized to Q4_0."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    norm = rng.standard_normal(64).astype(np.float32)
+    src = tmp_path / "src.gguf"
+    writer = gguf.GGUFWriter(str(src), "llama")
+    writer.add_block_count(1)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tensor("blk.0.attn_q.weight", w.astype(np.float16))
+    writer.add_tensor("blk.0.attn_norm.weight", norm)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out = lowbit.quantize_file(src, tmp_path / "q4.gguf", "q4_0", progress=False)
+    fields, tensors = read(out)
+    assert fields["llama.block_count"].contents() == 1 and fields["llama.block_count"].types[0] == VT.UINT32
+    assert fields["llama.rope.freq_base"].types[0] == VT.FLOAT32
+    assert fields["general.file_type"].contents() == 2
+    check_tensor(out, tensors["blk.0.attn_q.weight"], w.astype(np.float16).astype(np.float32), GT.Q4_0)
+    check_tensor(out, tensors["blk.0.attn_norm.weight"], norm, GT.F32)
+
+
+def test_cli(tiny, tmp_path, capsys):
+    from lowbit.converter import main, quantize_main
+
+    out = tmp_path / "cli.gguf"
+    assert main([str(tiny), "--outtype", "q4_1", "-o", str(out), "--keep", "output=q8_0", "--no-progress"]) == 0
+    _, tensors = read(out)
+    assert int(tensors["blk.0.attn_q.weight"].tensor_type) == GT.Q4_1
+    assert int(tensors["output.weight"].tensor_type) == GT.Q8_0
+    assert main([str(tiny), "--outtype", "q4_1", "-o", str(out)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert quantize_main([str(out), str(tmp_path / "q8.gguf"), "q8_0", "--no-progress"]) == 0
+    assert int(read(tmp_path / "q8.gguf")[1]["blk.0.attn_q.weight"].tensor_type) == GT.Q8_0
+
+
+def test_convert_script(tiny, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "python"), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "s.gguf"
+    r = subprocess.run([sys.executable, str(root / "convert.py"), str(tiny), "--outtype", "q8_0", "-o", str(out)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert read(out)[0]["general.file_type"].contents() == 7
+
+
+@pytest.mark.slow
+def test_smollm2_round_trip_through_transformers(tmp_path):
+    """llama.cpp's SmolLM2 file -> transformers (dequantized, q/k un-permuted, saved as an HF checkpoint) ->
+    lowbit.convert f32: every tensor equals gguf-py's dequantization of the original, so our q/k permutation
+    is exactly llama.cpp's on a real model. Then `lowbit quantize` requantizes llama.cpp's own file."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowbit.hub import fetch_smollm2
+
+    src = fetch_smollm2()
+    hf_dir = tmp_path / "hf"
+    from safetensors.torch import save_file
+
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    # transformers will not save_pretrained a GGUF-loaded model: write the checkpoint files directly.
+    AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name).save_pretrained(hf_dir)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = ["LlamaForCausalLM"]
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    del model, state
+    out = lowbit.convert(hf_dir, tmp_path / "f32.gguf", outtype="f32", progress=False)
+    orig = {t.name: t for t in gguf.GGUFReader(str(src)).tensors}
+    fields, ours = read(out)
+    assert set(ours) == set(orig)
+    for name, t in orig.items():
+        want = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(ours[name].data.shape)
+        np.testing.assert_array_equal(np.asarray(ours[name].data), want.astype(np.float32), err_msg=name)
+    ofields = gguf.GGUFReader(str(src)).fields
+    for key in ("llama.block_count", "llama.embedding_length", "llama.attention.head_count",
+                "llama.attention.head_count_kv", "llama.rope.freq_base", "llama.feed_forward_length",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        assert fields[key].contents() == ofields[key].contents(), key
+
+    q8 = lowbit.quantize_file(src, tmp_path / "q8.gguf", "q8_0", progress=False)
+    qfields, q8t = read(q8)
+    assert qfields["general.file_type"].contents() == 7
+    assert qfields["tokenizer.ggml.tokens"].contents() == ofields["tokenizer.ggml.tokens"].contents()
+    name = "blk.0.attn_q.weight"
+    want = gguf.quants.dequantize(np.asarray(orig[name].data), orig[name].tensor_type)
+    np.testing.assert_array_equal(np.asarray(q8t[name].data).reshape(-1),
+                                  gguf.quants.quantize(want.astype(np.float32), GT.Q8_0).reshape(-1))
