@@ -495,9 +495,9 @@ void Model::attention(int layer, int n, int pos0) {
     pool_->run([&](int ith, int nth) {
         float* scores = att_.data() + static_cast<size_t>(ith) * (n_ctx_ + hd);  // (n_ctx)
         float* vrow = scores + n_ctx_;                                           // (head_dim)
-        const int64_t per = (n_items + nth - 1) / nth;
-        const int64_t begin = std::min<int64_t>(n_items, ith * per), end = std::min<int64_t>(n_items, begin + per);
-        for (int64_t item = begin; item < end; ++item) {
+        // Items interleave over the threads: with a causal mask later tokens cost more, so contiguous
+        // ranges would leave the last thread with most of the work.
+        for (int64_t item = ith; item < n_items; item += nth) {
             const int i = static_cast<int>(item / c.n_head), h = static_cast<int>(item % c.n_head);
             const int n_kv = pos0 + i + 1;  // causal: this token sees positions 0 .. pos0+i
             const size_t off = static_cast<size_t>(h / group) * hd * kv_elem_bytes_;
@@ -551,7 +551,10 @@ void Model::forward_layers_cpu(int layer_begin, int layer_end, float* x, int n, 
         cpu::matmul(w.type, w.data, w.row_bytes, w.n_out, w.n_in, in, n, out, scratch, pool);
     };
 
-    // cos/sin of every position of the chunk, shared by all heads and layers: (n, n_rot/2 pairs).
+    // cos/sin of every position of the chunk, shared by all heads and layers: (n, n_rot/2 pairs). Angles are
+    // formed in double: transformers builds them in fp32 and llama.cpp by repeated fp32 multiplication, so
+    // neither is bit-exact to follow; double keeps us within fp32 rounding of both (HF's
+    // LlamaRotaryEmbedding; ggml rope "normal" mode, reference gguf-and-quants.md section 1.6).
     for (int i = 0; i < n; ++i) {
         float* cs = rope_cs_.data() + static_cast<int64_t>(i) * c.n_rot;
         for (int j = 0; j < c.n_rot / 2; ++j) {
