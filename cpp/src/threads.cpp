@@ -18,6 +18,18 @@ namespace {
 // About 50-100 microseconds of spinning before a worker sleeps: long enough to bridge the gap
 // between the matmuls of one decode step, short enough not to burn a core while the caller is idle.
 constexpr int kSpinIterations = 20000;
+// After this many pause-spins a waiter yields its time slice instead: when the machine has fewer free
+// cores than pool threads, the thread being waited for may be descheduled, and spinning would burn
+// the slice it needs (a decode step has hundreds of such waits).
+constexpr int kSpinBeforeYield = 2000;
+
+inline void backoff(int spin) {
+    if (spin < kSpinBeforeYield) {
+        cpu_relax();
+    } else {
+        std::this_thread::yield();
+    }
+}
 }  // namespace
 
 int ThreadPool::hardware_threads() {
@@ -46,7 +58,7 @@ void ThreadPool::worker(int ith) {
     for (;;) {
         uint64_t gen = generation_.load(std::memory_order_acquire);
         for (int spin = 0; gen == seen && spin < kSpinIterations; ++spin) {
-            cpu_relax();
+            backoff(spin);
             gen = generation_.load(std::memory_order_acquire);
         }
         if (gen == seen) {
@@ -86,7 +98,7 @@ void ThreadPool::run(const std::function<void(int, int)>& fn) {
         std::lock_guard<std::mutex> lock(error_mutex_);
         if (!error_) error_ = std::current_exception();
     }
-    while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
+    for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; ++spin) backoff(spin);
     job_ = nullptr;
     if (error_) {
         std::exception_ptr e = error_;

@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -64,7 +65,8 @@ def _sampling(args: argparse.Namespace) -> dict:
                 repeat_penalty=args.repeat_penalty, seed=args.seed)
 
 
-def _print_timings(model, file=sys.stderr) -> None:
+def _print_timings(model, file=None) -> None:
+    file = file or sys.stderr
     t = getattr(model, "last_timings", None)
     if not t:
         return
@@ -124,7 +126,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("\n[interrupted]", file=sys.stderr)
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
-        if args.verbose:
+        if getattr(args, "verbose", False):
             _print_timings(model)
         if one_shot:
             break
@@ -160,8 +162,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _type_name(qtype) -> str:
     try:
-        return lowbit.quants.type_info(int(qtype))["name"]
-    except Exception:  # unknown to the table: print the id
+        return lowbit.quants.type_info(int(qtype)).name
+    except lowbit.LowbitError:  # unknown to the table: print the id
         return str(int(qtype))
 
 
@@ -201,11 +203,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_model
 
+    t0 = time.perf_counter()
     model = _load(args)
+    load_s = time.perf_counter() - t0
     result = bench_model(model, n_prompt=args.n_prompt, n_gen=args.n_gen, repetitions=args.repetitions)
     print(f"model: {_model_path(args)}")
-    print(f"threads: {result['threads']}, n_gpu_layers: {args.n_gpu_layers}")
-    print(f"load: {result.get('load_seconds', float('nan')):.3f} s")
+    print(f"threads: {result['threads']}, n_gpu_layers: {args.n_gpu_layers}, CPU kernels: "
+          f"{lowbit.build_info().get('cpu_isa_active')}")
+    print(f"load: {load_s:.3f} s")
     print(f"prompt  pp{args.n_prompt}: {result['pp_median']:.1f} tokens/s (median of {args.repetitions})")
     print(f"decode  tg{args.n_gen}: {result['tg_median']:.1f} tokens/s (median of {args.repetitions})")
     return 0
@@ -233,9 +238,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowbit", description="Run quantized LLaMA-family GGUF models.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log what happens (chat: print timings)")
+    parser = argparse.ArgumentParser(prog="lowbit", description="Run quantized LLaMA-family GGUF models.",
+                                     parents=[common])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_parser = sub.add_parser
+
+    def add_parser(name: str, **kw) -> argparse.ArgumentParser:
+        return _add_parser(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     from . import converter as convert_mod
 
@@ -299,9 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     func: Optional[Callable[[argparse.Namespace], int]] = getattr(args, "func", None)
+    # `lowbit inspect FILE | head` must end quietly, not with a traceback.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL) if hasattr(signal, "SIGPIPE") else None
     if func is None:
         parser.print_help()
         return 2
