@@ -23,94 +23,87 @@ inline const block_q8_act* col_at(const void* x, size_t stride, int c) {
     return reinterpret_cast<const block_q8_act*>(static_cast<const uint8_t*>(x) + c * stride);
 }
 
-// Q4_0: w = (q - 8) * d, q low nibble = element j, high nibble = element j + 16.
-void dot_q4_0_generic(int64_t k, const void* w, size_t ws, int nr, const void* x, size_t xs, int nc, float* y,
-                      size_t ys) {
-    const int64_t nb = k / 32;
-    for (int r = 0; r < nr; ++r) {
-        const block_q4_0* wr = row_at<block_q4_0>(w, ws, r);
-        for (int c = 0; c < nc; ++c) {
-            const block_q8_act* xc = col_at(x, xs, c);
-            float acc = 0.0f;
-            for (int64_t b = 0; b < nb; ++b) {
-                int isum = 0;
-                for (int j = 0; j < 16; ++j) {
-                    isum += ((wr[b].qs[j] & 0x0f) - 8) * xc[b].qs[j];
-                    isum += ((wr[b].qs[j] >> 4) - 8) * xc[b].qs[j + 16];
-                }
-                acc += static_cast<float>(isum) * (half_to_float(wr[b].d) * xc[b].d);
-            }
-            y[c * ys + r] = acc;
-        }
-    }
+// Integer dot of 32 int8 pairs; written as a plain loop over unpacked arrays so compilers vectorize it
+// with the baseline ISA (SSE2 pmaddwd, NEON smlal).
+inline int dot32_i8(const int8_t* a, const int8_t* b) {
+    int sum = 0;
+    for (int j = 0; j < 32; ++j) sum += a[j] * b[j];
+    return sum;
 }
 
-// Q4_1: w = q * d + m, so dot = d * dx * sum(q * qx) + m * s (s = dx * sum(qx)).
-void dot_q4_1_generic(int64_t k, const void* w, size_t ws, int nr, const void* x, size_t xs, int nc, float* y,
-                      size_t ys) {
-    const int64_t nb = k / 32;
-    for (int r = 0; r < nr; ++r) {
-        const block_q4_1* wr = row_at<block_q4_1>(w, ws, r);
-        for (int c = 0; c < nc; ++c) {
-            const block_q8_act* xc = col_at(x, xs, c);
-            float acc = 0.0f;
-            for (int64_t b = 0; b < nb; ++b) {
-                int isum = 0;
-                for (int j = 0; j < 16; ++j) {
-                    isum += (wr[b].qs[j] & 0x0f) * xc[b].qs[j];
-                    isum += (wr[b].qs[j] >> 4) * xc[b].qs[j + 16];
-                }
-                acc += static_cast<float>(isum) * (half_to_float(wr[b].d) * xc[b].d) +
-                       half_to_float(wr[b].m) * xc[b].s;
-            }
-            y[c * ys + r] = acc;
+// Weight formats: unpack one weight block into S groups of 32 int8 weights, a float scale, and a minimum.
+struct GenQ4_0 {  // w = (q - 8) * d; low nibble = element j, high nibble = element j + 16
+    using Block = block_q4_0;
+    static constexpr int S = 1;
+    static constexpr bool kMin = false;
+    static void unpack(const Block& b, int8_t* w, float* d, float*) {
+        for (int j = 0; j < 16; ++j) {
+            w[j] = static_cast<int8_t>((b.qs[j] & 0x0f) - 8);
+            w[j + 16] = static_cast<int8_t>((b.qs[j] >> 4) - 8);
         }
+        *d = half_to_float(b.d);
     }
-}
-
-void dot_q8_0_generic(int64_t k, const void* w, size_t ws, int nr, const void* x, size_t xs, int nc, float* y,
-                      size_t ys) {
-    const int64_t nb = k / 32;
-    for (int r = 0; r < nr; ++r) {
-        const block_q8_0* wr = row_at<block_q8_0>(w, ws, r);
-        for (int c = 0; c < nc; ++c) {
-            const block_q8_act* xc = col_at(x, xs, c);
-            float acc = 0.0f;
-            for (int64_t b = 0; b < nb; ++b) {
-                int isum = 0;
-                for (int j = 0; j < 32; ++j) isum += wr[b].qs[j] * xc[b].qs[j];
-                acc += static_cast<float>(isum) * (half_to_float(wr[b].d) * xc[b].d);
-            }
-            y[c * ys + r] = acc;
+};
+struct GenQ4_1 {  // w = q * d + m, so dot = d * dx * sum(q * qx) + m * s (s = dx * sum(qx))
+    using Block = block_q4_1;
+    static constexpr int S = 1;
+    static constexpr bool kMin = true;
+    static void unpack(const Block& b, int8_t* w, float* d, float* m) {
+        for (int j = 0; j < 16; ++j) {
+            w[j] = static_cast<int8_t>(b.qs[j] & 0x0f);
+            w[j + 16] = static_cast<int8_t>(b.qs[j] >> 4);
         }
+        *d = half_to_float(b.d);
+        *m = half_to_float(b.m);
     }
-}
-
+};
+struct GenQ8_0 {
+    using Block = block_q8_0;
+    static constexpr int S = 1;
+    static constexpr bool kMin = false;
+    static void unpack(const Block& b, int8_t* w, float* d, float*) {
+        std::memcpy(w, b.qs, 32);
+        *d = half_to_float(b.d);
+    }
+};
 // NF4 block of 64 = two activation blocks; qs[j] = q[2j] << 4 | q[2j+1] (bitsandbytes order).
 // Integer weights are detail::kNF4Int8 (the runtime approximation documented there), scale absmax/127.
-void dot_nf4_generic(int64_t k, const void* w, size_t ws, int nr, const void* x, size_t xs, int nc, float* y,
-                     size_t ys) {
-    const int64_t nb = k / 64;
-    for (int r = 0; r < nr; ++r) {
-        const block_nf4* wr = row_at<block_nf4>(w, ws, r);
+struct GenNF4 {
+    using Block = block_nf4;
+    static constexpr int S = 2;
+    static constexpr bool kMin = false;
+    static void unpack(const Block& b, int8_t* w, float* d, float*) {
+        for (int j = 0; j < 32; ++j) {
+            w[2 * j] = detail::kNF4Int8[b.qs[j] >> 4];
+            w[2 * j + 1] = detail::kNF4Int8[b.qs[j] & 0x0f];
+        }
+        *d = b.absmax * (1.0f / 127.0f);
+    }
+};
+
+template <class F>
+void dot_quant_generic(int64_t k, const void* w, size_t ws, int nr, const void* x, size_t xs, int nc, float* y,
+                       size_t ys) {
+    using Block = typename F::Block;
+    const int64_t nbw = k / (32 * F::S);
+    float acc[kTileRows][kTileCols] = {};
+    alignas(32) int8_t wq[kTileRows][32 * F::S];
+    float dw[kTileRows], mw[kTileRows] = {};
+    for (int64_t b = 0; b < nbw; ++b) {
+        for (int r = 0; r < nr; ++r) F::unpack(row_at<Block>(w, ws, r)[b], wq[r], &dw[r], &mw[r]);
         for (int c = 0; c < nc; ++c) {
-            const block_q8_act* xc = col_at(x, xs, c);
-            float acc = 0.0f;
-            for (int64_t b = 0; b < nb; ++b) {
-                const float dw = wr[b].absmax * (1.0f / 127.0f);
-                for (int h = 0; h < 2; ++h) {
-                    const block_q8_act& xa = xc[2 * b + h];
-                    int isum = 0;
-                    for (int j = 0; j < 16; ++j) {
-                        const uint8_t v = wr[b].qs[16 * h + j];
-                        isum += detail::kNF4Int8[v >> 4] * xa.qs[2 * j];
-                        isum += detail::kNF4Int8[v & 0x0f] * xa.qs[2 * j + 1];
-                    }
-                    acc += static_cast<float>(isum) * (dw * xa.d);
+            const block_q8_act* xc = col_at(x, xs, c) + b * F::S;
+            for (int r = 0; r < nr; ++r) {
+                for (int s = 0; s < F::S; ++s) {
+                    const int isum = dot32_i8(wq[r] + 32 * s, xc[s].qs);
+                    acc[r][c] += static_cast<float>(isum) * (dw[r] * xc[s].d);
+                    if (F::kMin) acc[r][c] += mw[r] * xc[s].s;
                 }
             }
-            y[c * ys + r] = acc;
         }
+    }
+    for (int r = 0; r < nr; ++r) {
+        for (int c = 0; c < nc; ++c) y[c * ys + r] = acc[r][c];
     }
 }
 
@@ -154,10 +147,10 @@ const Kernels kGeneric = {
     Isa::Generic,
     "generic",
     quantize_act_generic,
-    dot_q4_0_generic,
-    dot_q4_1_generic,
-    dot_q8_0_generic,
-    dot_nf4_generic,
+    dot_quant_generic<GenQ4_0>,
+    dot_quant_generic<GenQ4_1>,
+    dot_quant_generic<GenQ8_0>,
+    dot_quant_generic<GenNF4>,
     dot_float_generic<uint16_t, half_to_float>,
     dot_float_generic<uint16_t, bf16_to_float>,
     dot_float_generic<float, load_f32>,

@@ -39,12 +39,17 @@ int64_t block_size(QType t) {
 
 // Output rows per work item. It depends on the shape only (never on the thread count), so every thread
 // count decomposes the output into the same tiles and produces bit-identical results.
-int64_t rows_per_chunk(int64_t n_out, int64_t n_tok) {
-    // Decode: small items balance the two-to-many threads well; the atomic counter is cheap next to
-    // the ~1-4 KB of weights each row streams. Prompt: 16 rows keep a weight chunk in L1/L2 while
-    // every token tile passes over it.
-    const int64_t rows = n_tok == 1 ? 8 : 16;
-    return std::min<int64_t>(rows, (n_out + kTileRows - 1) / kTileRows * kTileRows);
+int64_t rows_per_chunk(int64_t n_out, int64_t n_tok, size_t w_row_bytes) {
+    const auto round4 = [](int64_t v) { return (v + kTileRows - 1) / kTileRows * kTileRows; };
+    if (n_tok > 1) {
+        // Prompt: 16 rows keep a weight chunk in L1/L2 while every token tile passes over it.
+        return std::min<int64_t>(16, round4(n_out));
+    }
+    // Decode: ~64 KB of contiguous weights per item, so each thread streams long runs the hardware
+    // prefetcher can follow, while at least ~16 items remain to balance the threads.
+    int64_t rows = round4(std::max<int64_t>(1, static_cast<int64_t>(65536 / std::max<size_t>(w_row_bytes, 1))));
+    rows = std::min(rows, std::max<int64_t>(kTileRows, round4(n_out / 16)));
+    return std::max<int64_t>(kTileRows, rows);
 }
 
 }  // namespace
@@ -89,7 +94,7 @@ void matmul(QType wt, const void* w, size_t w_row_bytes, int64_t n_out, int64_t 
         x_stride = static_cast<size_t>(nb) * sizeof(block_q8_act);
     }
 
-    const int64_t chunk = rows_per_chunk(n_out, n_tok);
+    const int64_t chunk = rows_per_chunk(n_out, n_tok, w_row_bytes);
     const int64_t n_chunks = (n_out + chunk - 1) / chunk;
     std::atomic<int64_t> next{0};
     auto work = [&](int, int) {
