@@ -24,6 +24,8 @@ def run_demo(question: str, n_threads: Optional[int] = None, max_new_tokens: int
     print("lowbit demo: SmolLM2-135M-Instruct (llama architecture, 30 layers)")
     source = fetch_smollm2(cache)
     print(f"  source file (llama.cpp, Q4_1 + Q8_0 embedding): {source} ({_human_mib(source.stat().st_size)})")
+    print("  (the only source at hand is already 4-bit, so the Q4_0 and NF4 files below are quantized twice and "
+          "lose a little more than a conversion from the original weights would)")
 
     outputs = []
     for qtype in ("q4_0", "nf4"):
