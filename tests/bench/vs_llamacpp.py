@@ -126,7 +126,6 @@ def tiny11b_files(cache: Path) -> dict[str, Path]:
 
     vocab_src = lowbit.GGUFFile(fetch_smollm2(cache))
     tok_keys = {k: v for k, v in vocab_src.metadata.items() if k.startswith("tokenizer.")}
-    types = {k: vocab_src.field(k)[0] for k in tok_keys} if hasattr(vocab_src, "field") else {}
     n_vocab = len(tok_keys["tokenizer.ggml.tokens"])
     n_embd, n_ff, n_layer, n_head, n_head_kv = 2048, 5632, 22, 32, 4
     head_dim = n_embd // n_head
@@ -167,8 +166,8 @@ def tiny11b_files(cache: Path) -> dict[str, Path]:
                    "llama.rope.dimension_count", "llama.attention.head_count", "llama.attention.head_count_kv"}
             for k, v in md.items():
                 w.add_metadata(k, v, VT.UINT32 if k in u32 else (VT.FLOAT32 if isinstance(v, float) else None))
-            for k, v in tok_keys.items():
-                w.add_metadata(k, v, types.get(k))
+            for k in tok_keys:
+                w.add_metadata(k, vocab_src.field(k))  # a GGUFField keeps its exact GGUF types
             for name, shape, t in shapes:
                 w.add_tensor_info(name, shape, t)
             w.write_header()

@@ -141,9 +141,11 @@ void tile_quant512(int64_t k, const void* w, size_t ws, const void* x, size_t xs
             __m512i u;
             __m512 dwv;
             float m[2];
-            // Long rows of 4-bit weights consume bytes too slowly for the hardware prefetcher alone to keep
-            // enough misses in flight; ask for the line ~512 bytes ahead of this row.
-            _mm_prefetch(reinterpret_cast<const char*>(wr[r] + p * P::kPerPair) + 512, _MM_HINT_T0);
+            // Each row of a tile is a short stream (k = 2048: 18 lines of Q4_0) that the hardware prefetcher
+            // barely gets going on before the tile ends, so decode sat at a fraction of the memory bandwidth.
+            // Ask for the same spot NR rows further down: the next tile's rows (contiguous with this tile's,
+            // whatever the chunking) arrive while this tile computes. A prefetch past the buffer never faults.
+            _mm_prefetch(reinterpret_cast<const char*>(wr[r] + p * P::kPerPair) + NR * ws, _MM_HINT_T0);
             P::load(wr[r] + p * P::kPerPair, &u, &dwv, m);
             for (int c = 0; c < NC; ++c) {
                 const __m512i isum = _mm512_dpbusd_epi32(init[c], u, xv[c]);
