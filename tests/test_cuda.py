@@ -6,7 +6,7 @@ weight bytes; float64 numpy for the arithmetic. Tolerances are derived in the co
 """
 from __future__ import annotations
 
-import inspect
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -534,19 +534,8 @@ def test_estimates_cover_allocations():
 
 # ---- whole models: n_gpu_layers in {0, 1, half, all} against the CPU -----------------------------------
 
-def _load_supports_gpu() -> bool:
-    load = getattr(lowbit, "load", None)
-    return load is not None and "n_gpu_layers" in inspect.signature(load).parameters
-
-
-def _load_gpu(path, n_gpu_layers: int):
-    """lowbit.load with offload; skips while the model runtime still refuses layer offload outright."""
-    try:
-        return lowbit.load(path, n_gpu_layers=n_gpu_layers)
-    except lowbit.LowbitError as e:
-        if "not available in this version" in str(e):
-            pytest.skip(f"model runtime has no layer offload yet: {e}")
-        raise
+def _load_gpu(path, n_gpu_layers: int, **kw):
+    return lowbit.load(path, n_gpu_layers=n_gpu_layers, **kw)
 
 
 def _model_helpers():
@@ -556,8 +545,6 @@ def _model_helpers():
 
 @pytest.mark.parametrize("qtype", ["f32", "q8_0", "q4_0"])
 def test_model_logits_with_offload(qtype: str):
-    if not _load_supports_gpu():
-        pytest.skip("lowbit.load has no n_gpu_layers yet")
     mh = _model_helpers()
     path = mh.tiny_gguf(qtype)
     ids = mh.random_ids(24, 300, seed=3)
@@ -578,8 +565,6 @@ def test_model_logits_with_offload(qtype: str):
 
 def test_model_decode_with_offload_matches_cpu():
     """Token-by-token decode (the matvec path) on the GPU tracks the CPU."""
-    if not _load_supports_gpu():
-        pytest.skip("lowbit.load has no n_gpu_layers yet")
     mh = _model_helpers()
     path = mh.tiny_gguf("q4_0")
     ids = mh.random_ids(12, 300, seed=4)
@@ -593,8 +578,22 @@ def test_model_decode_with_offload_matches_cpu():
 
 def test_model_gpu_layers_clamp():
     """Asking for more layers than exist offloads everything, like llama.cpp's -ngl 999."""
-    if not _load_supports_gpu():
-        pytest.skip("lowbit.load has no n_gpu_layers yet")
     mh = _model_helpers()
     with _load_gpu(mh.tiny_gguf("q8_0"), 1000) as m:
         assert m.memory_footprint()["cuda"]["weights"] > 0
+
+
+def test_offload_that_does_not_fit_names_the_largest_n():
+    """Before allocating, the model estimates weights + KV + scratch and names the largest n_gpu_layers that
+    fits. A KV cache sized to 1.5x the free memory over all blocks leaves room for some blocks, not all."""
+    mh = _model_helpers()
+    path = mh.tiny_gguf("q8_0")
+    free = lowbit.cuda_info()["devices"][0]["free_memory"]
+    with lowbit.load(path, n_gpu_layers=0) as cpu:
+        c = cpu.config
+    kv_per_pos = c.n_layer * 2 * c.n_head_kv * (c.n_embd // c.n_head) * 2  # fp16 K and V, all blocks
+    n_ctx = int(1.5 * free // kv_per_pos)
+    with pytest.raises(lowbit.LowbitError, match=r"the largest that fits is n_gpu_layers=(\d+)") as err:
+        lowbit.load(path, n_gpu_layers=-1, n_ctx=n_ctx)
+    fit = int(re.search(r"n_gpu_layers=(\d+) \(or lower", str(err.value)).group(1))
+    assert 0 < fit < c.n_layer, str(err.value)

@@ -154,6 +154,28 @@ cuda::Matrix to_matrix(const WeightView& w) {
     m.n_cols = w.n_in;
     return m;
 }
+
+// Templated because Model::Layer is private to Model.
+template <class LayerT>
+cuda::LayerWeights layer_weights(const LayerT& L) {
+    cuda::LayerWeights w;
+    w.attn_norm = L.attn_norm;
+    w.wq = to_matrix(L.wq);
+    w.wk = to_matrix(L.wk);
+    w.wv = to_matrix(L.wv);
+    w.wo = to_matrix(L.wo);
+    w.ffn_norm = L.ffn_norm;
+    w.w_gate = to_matrix(L.w_gate);
+    w.w_up = to_matrix(L.w_up);
+    w.w_down = to_matrix(L.w_down);
+    return w;
+}
+
+std::string mib(size_t bytes) { return std::to_string((bytes + (1u << 20) - 1) >> 20) + " MiB"; }
+
+// Device memory the CUDA context, the allocator's rounding and cuBLAS-free workspaces may take beyond our
+// own estimate; kept free so an estimate that just fits does not fail half-way through the uploads.
+constexpr size_t kGpuReserveBytes = size_t(256) << 20;
 }  // namespace
 
 void Model::setup_gpu() {
@@ -178,22 +200,36 @@ void Model::setup_gpu() {
     bc.rope_freq_base = c.rope_freq_base;
     bc.rope_freq_scale = c.rope_freq_scale;
     bc.rope_dim = c.n_rot;
+
+    // Estimate before allocating anything: weights + KV cache (n_ctx) per block, the head, the scratch.
+    std::string why;
+    if (cuda::device_count(&why) == 0) {
+        throw Error("CUDA backend: no usable GPU (" + why + "); run with n_gpu_layers=0 or check the NVIDIA driver");
+    }
+    const cuda::DeviceInfo dev = cuda::device_info(bc.device);
+    std::vector<size_t> block_bytes(c.n_layer);  // (n_layer)
+    for (int l = 0; l < c.n_layer; ++l) block_bytes[l] = cuda::estimate_layer_bytes(bc, layer_weights(layers_[l]));
+    const size_t fixed = cuda::estimate_scratch_bytes(bc, params_.n_batch) + kGpuReserveBytes;
+    const size_t head = gpu_output_ ? cuda::estimate_output_bytes(bc, to_matrix(output)) : 0;
+    size_t need = fixed + head;
+    for (int l = gpu_begin_; l < c.n_layer; ++l) need += block_bytes[l];
+    if (need > dev.free_memory) {
+        // Largest n_gpu_layers that fits: the last blocks first, as placement takes them, without the head.
+        size_t acc = fixed;
+        int fit = 0;
+        for (int l = c.n_layer - 1; l >= 0 && acc + block_bytes[l] <= dev.free_memory; --l, ++fit) acc += block_bytes[l];
+        throw Error("n_gpu_layers=" + std::to_string(n) + " needs about " + mib(need) + " on GPU " +
+                    std::to_string(bc.device) + " (" + dev.name + ": " + mib(need - fixed - head) + " for " +
+                    std::to_string(n_blocks) + " blocks with their KV cache of " + std::to_string(n_ctx_) +
+                    " positions" + (gpu_output_ ? ", " + mib(head) + " for the output head" : std::string()) +
+                    ", " + mib(fixed) + " scratch and reserve), but only " + mib(dev.free_memory) +
+                    " are free; the largest that fits is n_gpu_layers=" + std::to_string(fit) +
+                    " (or lower n_ctx to shrink the KV cache)");
+    }
+
     gpu_ = std::make_unique<Gpu>();
     gpu_->backend = std::make_unique<cuda::Backend>(bc, params_.n_batch);
-    for (int l = gpu_begin_; l < c.n_layer; ++l) {
-        const Layer& L = layers_[l];
-        cuda::LayerWeights w;
-        w.attn_norm = L.attn_norm;
-        w.wq = to_matrix(L.wq);
-        w.wk = to_matrix(L.wk);
-        w.wv = to_matrix(L.wv);
-        w.wo = to_matrix(L.wo);
-        w.ffn_norm = L.ffn_norm;
-        w.w_gate = to_matrix(L.w_gate);
-        w.w_up = to_matrix(L.w_up);
-        w.w_down = to_matrix(L.w_down);
-        gpu_->backend->add_layer(w);
-    }
+    for (int l = gpu_begin_; l < c.n_layer; ++l) gpu_->backend->add_layer(layer_weights(layers_[l]));
     if (gpu_output_) gpu_->backend->set_output(output_norm, to_matrix(output));
 }
 
