@@ -34,14 +34,15 @@ void dequantize_row(QType t, const uint8_t* row, float* out, int64_t n) {
         case QType::F32:
             std::memcpy(out, row, n * sizeof(float));
             return;
-        case QType::F16: {
-            const uint16_t* h = reinterpret_cast<const uint16_t*>(row);
-            for (int64_t i = 0; i < n; ++i) out[i] = fp16_to_fp32(h[i]);
-            return;
-        }
+        case QType::F16:
         case QType::BF16: {
-            const uint16_t* h = reinterpret_cast<const uint16_t*>(row);
-            for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_fp32(h[i]);
+            // memcpy loads: the row may sit at an odd address in a file with general.alignment 1.
+            uint16_t h;
+            if (t == QType::F16) {
+                for (int64_t i = 0; i < n; ++i) out[i] = fp16_to_fp32((std::memcpy(&h, row + 2 * i, 2), h));
+            } else {
+                for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_fp32((std::memcpy(&h, row + 2 * i, 2), h));
+            }
             return;
         }
         default:
@@ -290,6 +291,11 @@ void Model::load_tensors() {
             nf4_dq_to_nf4(data, reinterpret_cast<block_nf4*>(owned_.back().data()), n_in * n_out);
             w.type = QType::NF4;
             w.data = owned_.back().data();
+        } else if (reinterpret_cast<uintptr_t>(data) % kDataAlignment != 0) {
+            // general.alignment below 4 put this tensor at an odd address: keep an aligned copy.
+            owned_.emplace_back(data, data + t.nbytes);
+            w.type = static_cast<QType>(t.type_id);
+            w.data = owned_.back().data();
         } else {
             w.type = static_cast<QType>(t.type_id);
             w.data = data;
@@ -312,11 +318,11 @@ void Model::load_tensors() {
             throw Error("tensor '" + t.name + "' has shape " + shape_str(t) + ", expected [" + std::to_string(n) + "]");
         }
         QType type = static_cast<QType>(t.type_id);
-        if (type == QType::F32) {
+        if (type == QType::F32 && reinterpret_cast<uintptr_t>(r.tensor_data(t)) % kDataAlignment == 0) {
             weights_mapped_ += t.nbytes;
             return reinterpret_cast<const float*>(r.tensor_data(t));
         }
-        if (type != QType::F16 && type != QType::BF16) {
+        if (type != QType::F32 && type != QType::F16 && type != QType::BF16) {
             throw Error("tensor '" + t.name + "' has type " + type_name(t.type_id) + "; norm weights must be F32, F16 or BF16");
         }
         owned_.emplace_back(static_cast<size_t>(n) * sizeof(float));

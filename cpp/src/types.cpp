@@ -364,6 +364,15 @@ void dequantize(QType t, const void* src, float* dst, int64_t n_elements, int n_
     if (n_elements < 0 || n_elements % tt.block_size != 0)
         throw Error("dequantize: " + std::to_string(n_elements) + " elements is not a multiple of " + tt.name +
                     "'s block size " + std::to_string(tt.block_size));
+    if (reinterpret_cast<uintptr_t>(src) % kDataAlignment != 0) {
+        // A file with general.alignment 1 or 2 can place data at an odd address; the typed loads below
+        // need natural alignment, so work on an aligned copy (rare: every real file aligns to 32).
+        const size_t nbytes = static_cast<size_t>(n_elements / tt.block_size) * tt.type_size;
+        std::vector<uint32_t> copy((nbytes + 3) / 4);
+        std::memcpy(copy.data(), src, nbytes);
+        dequantize(t, copy.data(), dst, n_elements, n_threads);
+        return;
+    }
     const int64_t n = n_elements;
     switch (t) {
         case QType::F32: {

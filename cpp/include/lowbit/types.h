@@ -72,6 +72,9 @@ extern const float kNF4Codes[16];
 // in the bindings drop the GIL around it. n_threads <= 0 means all hardware threads.
 void quantize(QType t, const float* src, void* dst, int64_t n_rows, int64_t n_per_row, int n_threads = 0);
 // Dequantize n_elements elements (a multiple of the block size) to float.
+// Tensor data must start at a multiple of this for the typed kernels (f32, fp16 and block scales);
+// dequantize() copies misaligned input itself, the model loader copies misaligned weights once.
+constexpr size_t kDataAlignment = 4;
 void dequantize(QType t, const void* src, float* dst, int64_t n_elements, int n_threads = 0);
 
 // Scalar reference quantizers, one row / flat run of k elements (k a multiple of the block size).
