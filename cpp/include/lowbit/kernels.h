@@ -27,6 +27,14 @@ constexpr int kTileCols = 4;
 using DotTileFn = void (*)(int64_t k, const void* w, size_t w_stride, int nrows, const void* x,
                            size_t x_stride, int ncols, float* y, size_t y_stride);
 
+// Prompt GEMM over a panel of up to kPanelRows weight rows against all n_tok activation columns (same
+// argument meaning as DotTileFn, y[c*y_stride + r]). Kernels that have one repack the panel into a
+// row-interleaved layout (in per-thread scratch, nothing kept) so one integer dot instruction serves
+// kPanelRows rows and the per-block float work is paid once per 16 rows instead of once per row.
+constexpr int kPanelRows = 16;
+using GemmPanelFn = void (*)(int64_t k, const void* w, size_t w_stride, int nrows, const void* x,
+                             size_t x_stride, int64_t n_tok, float* y, size_t y_stride);
+
 struct Kernels {
     Isa isa;
     const char* name;
@@ -44,6 +52,11 @@ struct Kernels {
     void (*silu_mul)(float* out, const float* gate, const float* up, int64_t n);  // silu(gate) * up
     float (*dot_f32_f32)(const float* a, const float* b, int64_t n);               // attention scores
     void (*axpy_f32)(float* y, float a, const float* x, int64_t n);                  // y += a * x
+    // Optional prompt GEMM per block type (nullptr: the driver uses the dot tiles).
+    GemmPanelFn gemm_q4_0 = nullptr;
+    GemmPanelFn gemm_q4_1 = nullptr;
+    GemmPanelFn gemm_q8_0 = nullptr;
+    GemmPanelFn gemm_nf4 = nullptr;
 };
 
 // Table for one ISA, or nullptr when it was not compiled in or this CPU (and OS) cannot run it.

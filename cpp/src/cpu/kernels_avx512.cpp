@@ -2,7 +2,10 @@
 // shared bodies in kernels_x86.inc.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 #include "cpu/kernels_internal.h"
 
@@ -184,6 +187,135 @@ void dot_quant512(int64_t k, const void* w, size_t ws, int nr, const void* x, si
     table[nr - 1][nc - 1](k, w, ws, x, xs, y, ys);
 }
 
+// ---- prompt GEMM: 16-row panels repacked so one vpdpbusd serves 16 rows ------------------------------
+// The dot tiles above pay a convert, a scale multiply and an FMA on 16 partial sums for every 64 MACs of a
+// (row, column) pair; in a prompt that float work, not memory, is the limit. Here a panel of 16 weight rows
+// is repacked (per thread, per call) so that dword lane r of register j holds row r's elements 4j..4j+3 of
+// one 32-element block. Eight vpdpbusd against the broadcast activation dwords then leave the complete
+// integer block dot of all 16 rows in one register, and the float work (convert, scale, FMA, plus the
+// bias/min term) is paid once per block for 16 rows. The weight panel stays in L1/L2 while every column
+// passes over it.
+struct alignas(64) PanelBlock {
+    uint32_t u[8][kPanelRows];  // unsigned weight bytes (w + kBias), dword lane = row
+    float dw[kPanelRows];       // weight scale per row
+    float coef[kPanelRows];     // times the activation's s: -kBias * d (bias) or the minimum (Q4_1)
+};
+static_assert(sizeof(PanelBlock) == 640, "PanelBlock layout");
+
+// 4 rows x 8 dwords -> for each dword j the 4 rows' values, stored at p.u[j][r0..r0+3].
+inline void store_transposed4(const __m256i v[4], PanelBlock& p, int r0) {
+    const __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]), t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(v[2], v[3]), t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+    const __m256i q[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2),
+                          _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)};
+    for (int j = 0; j < 4; ++j) {  // q[j] = [dword j of rows 0..3 | dword j + 4 of rows 0..3]
+        _mm_store_si128(reinterpret_cast<__m128i*>(&p.u[j][r0]), _mm256_castsi256_si128(q[j]));
+        _mm_store_si128(reinterpret_cast<__m128i*>(&p.u[j + 4][r0]), _mm256_extracti128_si256(q[j], 1));
+    }
+}
+
+template <class F>
+void repack_panel(int64_t k, const uint8_t* w, size_t ws, int nr, PanelBlock* pk) {
+    using Block = typename F::Block;
+    const int64_t nb = k / (32 * F::S);
+    for (int r0 = 0; r0 < kPanelRows; r0 += 4) {
+        const Block* rows[4];
+        for (int i = 0; i < 4; ++i) {
+            rows[i] = r0 + i < nr ? reinterpret_cast<const Block*>(w + static_cast<size_t>(r0 + i) * ws) : nullptr;
+        }
+        if (!rows[0]) {  // padding rows: zero weights and scales contribute nothing
+            for (int64_t a = 0; a < nb * F::S; ++a) {
+                for (int j = 0; j < 8; ++j) std::memset(&pk[a].u[j][r0], 0, 16);
+                std::memset(&pk[a].dw[r0], 0, 16);
+                std::memset(&pk[a].coef[r0], 0, 16);
+            }
+            continue;
+        }
+        for (int64_t b = 0; b < nb; ++b) {
+            __m256i u[4][F::S];
+            float d[4], m[4];
+            for (int i = 0; i < 4; ++i) {
+                m[i] = 0.0f;
+                if (rows[i]) {
+                    F::load(rows[i] + b, u[i], &d[i], &m[i]);
+                } else {
+                    for (int g = 0; g < F::S; ++g) u[i][g] = _mm256_setzero_si256();
+                    d[i] = 0.0f;
+                }
+            }
+            for (int g = 0; g < F::S; ++g) {
+                PanelBlock& p = pk[b * F::S + g];
+                const __m256i v[4] = {u[0][g], u[1][g], u[2][g], u[3][g]};
+                store_transposed4(v, p, r0);
+                for (int i = 0; i < 4; ++i) {
+                    p.dw[r0 + i] = d[i];
+                    p.coef[r0 + i] = F::kMin ? m[i] : -static_cast<float>(F::kBias) * d[i];
+                }
+            }
+        }
+    }
+}
+
+inline __m512i bcast_dword(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+template <int NC>
+void panel_columns(const PanelBlock* pk, int64_t nx, const uint8_t* x, size_t xs, float* y, size_t ys,
+                   __mmask16 mask) {
+    const block_q8_act* xc[NC];
+    for (int c = 0; c < NC; ++c) xc[c] = reinterpret_cast<const block_q8_act*>(x + c * xs);
+    __m512 acc[NC], acc2[NC];
+    for (int c = 0; c < NC; ++c) acc[c] = acc2[c] = _mm512_setzero_ps();
+    for (int64_t a = 0; a < nx; ++a) {
+        const PanelBlock& p = pk[a];
+        __m512i u[8];
+        for (int j = 0; j < 8; ++j) u[j] = _mm512_load_si512(p.u[j]);
+        const __m512 dw = _mm512_load_ps(p.dw);
+        const __m512 coef = _mm512_load_ps(p.coef);
+        for (int c = 0; c < NC; ++c) {
+            const block_q8_act& xb = xc[c][a];
+            // Two chains so the eight dependent vpdpbusd do not serialise on their latency.
+            __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], bcast_dword(xb.qs + 0));
+            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[1], bcast_dword(xb.qs + 4));
+            s0 = _mm512_dpbusd_epi32(s0, u[2], bcast_dword(xb.qs + 8));
+            s1 = _mm512_dpbusd_epi32(s1, u[3], bcast_dword(xb.qs + 12));
+            s0 = _mm512_dpbusd_epi32(s0, u[4], bcast_dword(xb.qs + 16));
+            s1 = _mm512_dpbusd_epi32(s1, u[5], bcast_dword(xb.qs + 20));
+            s0 = _mm512_dpbusd_epi32(s0, u[6], bcast_dword(xb.qs + 24));
+            s1 = _mm512_dpbusd_epi32(s1, u[7], bcast_dword(xb.qs + 28));
+            const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+            acc[c] = _mm512_fmadd_ps(isum, _mm512_mul_ps(dw, _mm512_set1_ps(xb.d)), acc[c]);
+            acc2[c] = _mm512_fmadd_ps(coef, _mm512_set1_ps(xb.s), acc2[c]);
+        }
+    }
+    for (int c = 0; c < NC; ++c) _mm512_mask_storeu_ps(y + c * ys, mask, _mm512_add_ps(acc[c], acc2[c]));
+}
+
+constexpr int kPanelCols = 8;
+
+template <class F>
+void gemm_panel512(int64_t k, const void* w, size_t ws, int nr, const void* x, size_t xs, int64_t n_tok, float* y,
+                   size_t ys) {
+    const int64_t nx = k / 32;
+    thread_local std::vector<PanelBlock> scratch;
+    if (static_cast<int64_t>(scratch.size()) < nx) scratch.resize(static_cast<size_t>(nx));
+    PanelBlock* pk = scratch.data();
+    repack_panel<F>(k, static_cast<const uint8_t*>(w), ws, nr, pk);
+    const __mmask16 mask = static_cast<__mmask16>((1u << nr) - 1u);
+    static void (*const cols[kPanelCols])(const PanelBlock*, int64_t, const uint8_t*, size_t, float*, size_t,
+                                          __mmask16) = {&panel_columns<1>, &panel_columns<2>, &panel_columns<3>,
+                                                        &panel_columns<4>, &panel_columns<5>, &panel_columns<6>,
+                                                        &panel_columns<7>, &panel_columns<8>};
+    const uint8_t* xb = static_cast<const uint8_t*>(x);
+    for (int64_t c0 = 0; c0 < n_tok; c0 += kPanelCols) {
+        const int nc = static_cast<int>(std::min<int64_t>(kPanelCols, n_tok - c0));
+        cols[nc - 1](pk, nx, xb + c0 * xs, xs, y + c0 * ys, ys, mask);
+    }
+}
+
 const Kernels kTable = {
     Isa::AVX512,
     "avx512",
@@ -199,6 +331,10 @@ const Kernels kTable = {
     silu_mul_x86,
     dot_f32_f32_x86,
     axpy_f32_x86,
+    gemm_panel512<FmtQ4_0>,
+    gemm_panel512<FmtQ4_1>,
+    gemm_panel512<FmtQ8_0>,
+    gemm_panel512<FmtNF4>,
 };
 
 }  // namespace

@@ -27,6 +27,19 @@ DotTileFn tile_fn(const Kernels& kt, QType t) {
     }
 }
 
+GemmPanelFn gemm_fn(const Kernels& kt, QType t) {
+    switch (t) {
+        case QType::Q4_0: return kt.gemm_q4_0;
+        case QType::Q4_1: return kt.gemm_q4_1;
+        case QType::Q8_0: return kt.gemm_q8_0;
+        case QType::NF4: return kt.gemm_nf4;
+        default: return nullptr;
+    }
+}
+
+// From this many tokens on, the panel GEMM (repack + 16-row dots) beats the 4 x 4 dot tiles.
+constexpr int64_t kGemmMinTokens = 8;
+
 int64_t block_size(QType t) {
     switch (t) {
         case QType::Q4_0:
@@ -92,6 +105,29 @@ void matmul(QType wt, const void* w, size_t w_row_bytes, int64_t n_out, int64_t 
         });
         xs = act;
         x_stride = static_cast<size_t>(nb) * sizeof(block_q8_act);
+    }
+
+    const GemmPanelFn gemm = n_tok >= kGemmMinTokens ? gemm_fn(kt, wt) : nullptr;
+    if (gemm) {
+        // One work item per panel of kPanelRows rows; each repacks its panel once for all tokens.
+        const int64_t n_panels = (n_out + kPanelRows - 1) / kPanelRows;
+        std::atomic<int64_t> next_panel{0};
+        auto panels = [&](int, int) {
+            for (;;) {
+                const int64_t pi = next_panel.fetch_add(1, std::memory_order_relaxed);
+                if (pi >= n_panels) return;
+                const int64_t r0 = pi * kPanelRows;
+                const int nr = static_cast<int>(std::min<int64_t>(kPanelRows, n_out - r0));
+                gemm(k, static_cast<const uint8_t*>(w) + r0 * w_row_bytes, w_row_bytes, nr, xs, x_stride, n_tok,
+                     y + r0, static_cast<size_t>(n_out));
+            }
+        };
+        if (n_panels == 1 || pool.size() == 1) {
+            panels(0, 1);
+        } else {
+            pool.run(panels);
+        }
+        return;
     }
 
     const int64_t chunk = rows_per_chunk(n_out, n_tok, w_row_bytes);
