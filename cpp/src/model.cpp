@@ -4,8 +4,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
+
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "lowbit/cuda.h"
 #include "lowbit/kernels.h"
@@ -132,8 +136,48 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelParams& p
     }
     m->pool_ = std::make_unique<ThreadPool>(params.n_threads);
     m->setup_gpu();
+    m->repack_cpu_weights();
     m->allocate_state();
     return m;
+}
+
+// Q4_0 matrices of the blocks that run on the CPU are regrouped once into 16-row panels (kernels.h), which
+// the AVX-512 kernels multiply with about a quarter of the instructions per weight byte (decode then runs at
+// memory speed, and prompts skip a per-call repack). The panels are a private copy of the same bytes; the
+// file pages they came from are released from this process (MADV_DONTNEED: RSS stays about the file size,
+// and the mapping stays valid, so a kernel table without panel kernels can still read the original rows).
+// LOWBIT_REPACK=0 turns it off.
+void Model::repack_cpu_weights() {
+    const char* env = std::getenv("LOWBIT_REPACK");
+    if (env && std::string(env) == "0") return;
+    if (!cpu::kernels().panel_q4_0) return;
+    const uint8_t* map_begin = reader_->base();
+    const uint8_t* map_end = map_begin + reader_->file_size();
+    const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+    auto repack = [&](WeightView& w, bool shared_with_embedding) {
+        if (!w.data || w.panels || !cpu::panels_supported(w.type, w.n_out, w.n_in)) return;
+        owned_.emplace_back(cpu::panels_bytes(w.type, w.n_out, w.n_in));
+        uint8_t* dst = owned_.back().data();
+        pool_->parallel_for(w.n_out / cpu::kPanelRows, 1, [&](int64_t p0, int64_t p1) {
+            cpu::repack_panels(w.type, w.data, w.row_bytes, w.n_out, w.n_in, dst, p0, p1);
+        });
+        w.panels = dst;
+        const size_t bytes = w.row_bytes * static_cast<size_t>(w.n_out);
+        if (w.data >= map_begin && w.data + bytes <= map_end) {
+            // A tied head shares its rows with the token embedding, which embed() still reads (only the
+            // pages of the rows it gathers come back), so those bytes stay counted as mapped.
+            if (!shared_with_embedding) weights_mapped_ -= bytes;
+            const uintptr_t b = (reinterpret_cast<uintptr_t>(w.data) + page - 1) / page * page;
+            const uintptr_t e = (reinterpret_cast<uintptr_t>(w.data) + bytes) / page * page;
+            if (e > b) ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);  // best effort
+        }
+    };
+    for (int l = 0; l < gpu_begin_; ++l) {
+        Layer& L = layers_[l];
+        for (WeightView* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) repack(*w, false);
+    }
+    // The output head when the CPU computes it; tied or not (embed() keeps gathering from token_embd's rows).
+    if (!gpu_output_) repack(output, output.data == token_embd.data);
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -590,6 +634,7 @@ void Model::forward_layers_cpu(int layer_begin, int layer_end, float* x, int n, 
     void* scratch = act_scratch_.data();
     const int64_t kv_dim = static_cast<int64_t>(c.n_head_kv) * c.head_dim;
     auto mm = [&](const WeightView& w, const float* in, float* out) {
+        if (w.panels && cpu::matmul_panels(w.type, w.panels, w.n_out, w.n_in, in, n, out, scratch, pool)) return;
         cpu::matmul(w.type, w.data, w.row_bytes, w.n_out, w.n_in, in, n, out, scratch, pool);
     };
 
@@ -656,6 +701,10 @@ void Model::output_head(const float* x, int n, float* logits) {
     const cpu::Kernels& kr = cpu::kernels();
     for (int i = 0; i < n; ++i) {
         kr.rmsnorm(xb_.data() + i * c.n_embd, x + i * c.n_embd, output_norm, c.n_embd, c.rms_eps);
+    }
+    if (output.panels && cpu::matmul_panels(output.type, output.panels, output.n_out, output.n_in, xb_.data(), n,
+                                            logits, act_scratch_.data(), *pool_)) {
+        return;
     }
     cpu::matmul(output.type, output.data, output.row_bytes, output.n_out, output.n_in, xb_.data(), n, logits,
                 act_scratch_.data(), *pool_);

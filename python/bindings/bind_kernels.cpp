@@ -1,4 +1,5 @@
 // Python entry points to the CPU kernels (ISA choice, activation quantizer, matmul, layer ops) for tests and benchmarks.
+#include <chrono>
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
@@ -106,9 +107,70 @@ py::array_t<float> matmul(const py::object& qtype, const py::buffer& w, int64_t 
     return y;
 }
 
+// The same product through load-time panels (repack, then the panel kernel); None when the active ISA has
+// no panel kernel for the type or the shape has no panel layout.
+py::object matmul_panels(const py::object& qtype, const py::buffer& w, int64_t n_out, int64_t k, const FloatArray& x,
+                         int n_threads) {
+    const lowbit::QType t = qtype_from(qtype);
+    if (!cpu::panels_supported(t, n_out, k)) return py::none();
+    if (x.size() % k != 0) throw Error("matmul_panels: x has " + std::to_string(x.size()) + " elements, not a multiple of k");
+    const int64_t n_tok = x.size() / k;
+    py::buffer_info wb = w.request();
+    const size_t row_bytes = weight_row_bytes(t, k);
+    const size_t have = static_cast<size_t>(wb.size) * static_cast<size_t>(wb.itemsize);
+    if (have != row_bytes * static_cast<size_t>(n_out)) throw Error("matmul_panels: wrong weight byte count");
+    std::vector<uint8_t> panels(cpu::panels_bytes(t, n_out, k));
+    cpu::repack_panels(t, wb.ptr, row_bytes, n_out, k, panels.data(), 0, n_out / cpu::kPanelRows);
+    std::vector<uint8_t> scratch(cpu::act_scratch_bytes(t, k, n_tok) + 64);
+    py::array_t<float> y({n_tok, n_out});
+    float* yp = y.mutable_data();
+    bool ok;
+    {
+        py::gil_scoped_release nogil;
+        ok = cpu::matmul_panels(t, panels.data(), n_out, k, x.data(), n_tok, yp, scratch.data(), pool_for(n_threads));
+    }
+    if (!ok) return py::none();
+    return std::move(y);
+}
+
+// Benchmark hook: seconds (min over reps) of the panel matmul alone (repack excluded); None if unavailable.
+py::object matmul_panels_seconds(const py::object& qtype, const py::buffer& w, int64_t n_out, int64_t k,
+                                 const FloatArray& x, int n_threads, int reps) {
+    const lowbit::QType t = qtype_from(qtype);
+    if (!cpu::panels_supported(t, n_out, k) || x.size() % k != 0 || reps < 1) return py::none();
+    const int64_t n_tok = x.size() / k;
+    py::buffer_info wb = w.request();
+    const size_t row_bytes = weight_row_bytes(t, k);
+    if (static_cast<size_t>(wb.size) * static_cast<size_t>(wb.itemsize) != row_bytes * static_cast<size_t>(n_out))
+        throw Error("matmul_panels_seconds: wrong weight byte count");
+    std::vector<uint8_t> panels(cpu::panels_bytes(t, n_out, k));
+    cpu::repack_panels(t, wb.ptr, row_bytes, n_out, k, panels.data(), 0, n_out / cpu::kPanelRows);
+    std::vector<uint8_t> scratch(cpu::act_scratch_bytes(t, k, n_tok) + 64);
+    std::vector<float> y(static_cast<size_t>(n_tok * n_out));
+    double best = 1e30;
+    bool ok = true;
+    {
+        py::gil_scoped_release nogil;
+        for (int i = 0; i < reps && ok; ++i) {
+            auto t0 = std::chrono::steady_clock::now();
+            ok = cpu::matmul_panels(t, panels.data(), n_out, k, x.data(), n_tok, y.data(), scratch.data(),
+                                    pool_for(n_threads));
+            best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        }
+    }
+    if (!ok) return py::none();
+    return py::float_(best);
+}
+
 }  // namespace
 
 void bind_kernels(py::module_& m) {
+    m.def("matmul_panels_seconds", &matmul_panels_seconds, "Benchmark: min seconds of the panel matmul alone.",
+          py::arg("qtype"), py::arg("w"), py::arg("n_out"), py::arg("k"), py::arg("x"), py::arg("n_threads") = 1,
+          py::arg("reps") = 5);
+    m.def("matmul_panels", &matmul_panels,
+          "matmul() through the load-time panel layout (None where the active ISA or the shape has none).",
+          py::arg("qtype"), py::arg("w"), py::arg("n_out"), py::arg("k"), py::arg("x"), py::arg("n_threads") = 1);
     m.def("kernels_available", [] {
         std::vector<std::string> out;
         for (auto isa : {cpu::Isa::Generic, cpu::Isa::AVX2, cpu::Isa::AVX512, cpu::Isa::NEON}) {

@@ -76,6 +76,47 @@ print("RESULT " + json.dumps(out))
 """
 
 
+BNB_CHILD = r"""
+import json, os, resource, sys, tempfile, time
+import torch
+from safetensors.torch import save_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+path, threads, reps, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+tmp = tempfile.mkdtemp()
+# transformers reads the GGUF (dequantized to fp32, q/k un-permuted), saved as a plain checkpoint, then loaded
+# again with bitsandbytes' NF4 (transformers will not quantize a model it loaded from GGUF directly).
+f = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                         torch_dtype=torch.float32)
+if hasattr(f.config, "quantization_config"):
+    delattr(f.config, "quantization_config")
+f.config.save_pretrained(tmp)
+save_model(f, os.path.join(tmp, "model.safetensors"))
+del f
+cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+m = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=cfg, device_map="cpu")
+ids = torch.randint(0, m.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+m.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+out = {"tg": [], "layer_type": type(m.model.layers[0].mlp.down_proj).__name__}
+for _ in range(reps):
+    t = time.perf_counter()
+    m.generate(ids, max_new_tokens=n_gen, min_new_tokens=n_gen, do_sample=False)
+    out["tg"].append(n_gen / (time.perf_counter() - t))
+out["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("RESULT " + json.dumps(out))
+"""
+
+
+def run_bnb(path: Path, threads: int, reps: int, n_gen: int) -> dict:
+    """transformers + bitsandbytes NF4 on the CPU: decode tokens/s (prompt of 8 tokens included)."""
+    proc = subprocess.run([sys.executable, "-c", BNB_CHILD, str(path), str(threads), str(reps), str(n_gen)],
+                          capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"bitsandbytes on {path.name} failed:\n{proc.stderr[-3000:]}")
+
+
 def run_child(engine: str, path: Path, threads: int, reps: int, n_gen: int) -> dict:
     proc = subprocess.run([sys.executable, "-c", CHILD, engine, str(path), str(threads), str(reps), str(n_gen)],
                           capture_output=True, text=True)
@@ -218,6 +259,7 @@ def main() -> int:
     ap.add_argument("--models", default="smollm2,tiny11b")
     ap.add_argument("--cache", default=None)
     ap.add_argument("--out", default=None, help="write raw results as JSON")
+    ap.add_argument("--no-bnb", action="store_true", help="skip the transformers + bitsandbytes NF4 baseline")
     args = ap.parse_args()
     from lowbit.hub import default_cache_dir
 
@@ -236,6 +278,14 @@ def main() -> int:
     if "tiny11b" in args.models:
         files += [("1.1B-shape", qt, p) for qt, p in tiny11b_files(cache).items()]
 
+    bnb = None
+    if "smollm2" in args.models and not args.no_bnb:
+        from lowbit.hub import fetch_smollm2
+
+        try:
+            bnb = run_bnb(fetch_smollm2(cache), args.threads, args.reps, args.n_gen)
+        except Exception as e:  # noqa: BLE001 - report and go on with the rest
+            print(f"bitsandbytes NF4 baseline skipped: {e}", file=sys.stderr)
     bw = read_bandwidth(args.threads)
     results = []
     for model, qt, path in files:
@@ -271,9 +321,20 @@ def main() -> int:
         extra = f"; llama.cpp {r['weight_bytes'] * med(lc['tg']) / 1e9:.1f} GB/s" if lc else ""
         print(f"| {r['model']} | {r['type']} | decode bandwidth | {gbs:.1f} GB/s ({100 * gbs / bw:.0f}% of probe)"
               f"{extra} | | |")
+    by = {(r["model"], r["type"]): r for r in results}
+    nf4, q40 = by.get(("SmolLM2-135M", "nf4")), by.get(("SmolLM2-135M", "q4_0"))
+    if nf4:
+        a = med(nf4["lowbit"]["tg"])
+        print()
+        if q40:
+            print(f"NF4 decode / lowbit Q4_0 decode (SmolLM2-135M): {a:.1f} / {med(q40['lowbit']['tg']):.1f} = "
+                  f"{a / med(q40['lowbit']['tg']):.2f}")
+        if bnb:
+            print(f"NF4 decode, lowbit / transformers + bitsandbytes NF4 ({bnb['layer_type']}, CPU): {a:.1f} / "
+                  f"{med(bnb['tg']):.1f} = {a / med(bnb['tg']):.2f}  (bitsandbytes peak RSS {bnb['rss_mib']:.0f} MiB)")
     if args.out:
-        Path(args.out).write_text(json.dumps({"bandwidth_gbs": bw, "threads": args.threads, "results": results},
-                                             indent=1))
+        Path(args.out).write_text(json.dumps({"bandwidth_gbs": bw, "threads": args.threads, "results": results,
+                                              "bitsandbytes_nf4": bnb}, indent=1))
     return 0
 
 

@@ -35,6 +35,11 @@ constexpr int kPanelRows = 16;
 using GemmPanelFn = void (*)(int64_t k, const void* w, size_t w_stride, int nrows, const void* x,
                              size_t x_stride, int64_t n_tok, float* y, size_t y_stride);
 
+// Matmul over weights repacked at load into 16-row panels (see repack_panels below): n_panels consecutive
+// panels (rows p*16 .. p*16+15 of y) against n_tok activation columns (block_q8_act, x_stride apart).
+using PanelFn = void (*)(int64_t k, const void* panels, int64_t n_panels, const void* x, size_t x_stride,
+                         int64_t n_tok, float* y, size_t y_stride);
+
 struct Kernels {
     Isa isa;
     const char* name;
@@ -57,6 +62,8 @@ struct Kernels {
     GemmPanelFn gemm_q4_1 = nullptr;
     GemmPanelFn gemm_q8_0 = nullptr;
     GemmPanelFn gemm_nf4 = nullptr;
+    // Optional kernel over load-time Q4_0 panels (nullptr: callers use the original rows).
+    PanelFn panel_q4_0 = nullptr;
 };
 
 // Table for one ISA, or nullptr when it was not compiled in or this CPU (and OS) cannot run it.
@@ -79,6 +86,22 @@ size_t act_scratch_bytes(QType wt, int64_t k, int64_t n_tok);
 // over the pool. With n_tok > 1 it works in tiles so each weight block is read once per kTileCols tokens.
 void matmul(QType wt, const void* w, size_t w_row_bytes, int64_t n_out, int64_t k, const float* x,
             int64_t n_tok, float* y, void* scratch, ThreadPool& pool);
+
+// ---- load-time repacked weights ("panels") -------------------------------------------------------
+// Q4_0 rows regrouped in panels of kPanelRows rows. Per panel and per 32-element block b, 288 bytes (the
+// same as the 16 original blocks): the 16 rows' fp16 scales, then 4 x 64 bytes where bytes 4r..4r+3 of
+// the j-th 64 are row r's qs[4j..4j+3] (so a 512-bit load holds 16 rows' dwords, and its low/high nibbles
+// are elements 4j.. and 16+4j.. of each row). Panels follow each other; a panel holds k/32 blocks.
+// Only for n_out % kPanelRows == 0. The values are the file's, bit for bit, in another order.
+bool panels_supported(QType t, int64_t n_out, int64_t k);
+size_t panels_bytes(QType t, int64_t n_out, int64_t k);
+// Rows [p0*16, p1*16) of W (rows w_row_bytes apart) -> panels p0..p1-1 of `out` (the whole tensor's buffer).
+void repack_panels(QType t, const void* w, size_t w_row_bytes, int64_t n_out, int64_t k, void* out, int64_t p0,
+                   int64_t p1);
+// As matmul(), on panels. Returns false (and does nothing) when the active kernel table has no panel
+// kernel for t; the caller then multiplies the original rows.
+bool matmul_panels(QType t, const void* panels, int64_t n_out, int64_t k, const float* x, int64_t n_tok, float* y,
+                   void* scratch, ThreadPool& pool);
 
 }  // namespace cpu
 }  // namespace lowbit

@@ -59,6 +59,7 @@ struct WeightView {
     int64_t n_in = 0;   // ggml ne[0]
     int64_t n_out = 0;  // ggml ne[1]
     size_t row_bytes = 0;
+    const uint8_t* panels = nullptr;  // load-time repacked copy (cpu::repack_panels), CPU layers only
 };
 
 class Model {
@@ -103,6 +104,7 @@ private:
 
     void load_tensors();
     void setup_gpu();
+    void repack_cpu_weights();
     void allocate_state();
     // One chunk of n <= n_batch tokens at positions pos0.. : hidden state x (n, n_embd) in and out.
     void embed(const int32_t* tokens, int n, float* x);

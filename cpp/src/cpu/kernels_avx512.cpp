@@ -296,6 +296,58 @@ void panel_columns(const PanelBlock* pk, int64_t nx, const uint8_t* x, size_t xs
 
 constexpr int kPanelCols = 8;
 
+// Load-time Q4_0 panels (kernels.h, repack_panels): per block, the 16 rows' scales and 4 x 64 bytes whose low
+// and high nibbles are already the vpdpbusd operands for activation dwords j and j + 4.
+template <int NC>
+void q4_0_panel_columns(const uint8_t* panel, int64_t nb, const uint8_t* x, size_t xs, float* y, size_t ys) {
+    const block_q8_act* xc[NC];
+    for (int c = 0; c < NC; ++c) xc[c] = reinterpret_cast<const block_q8_act*>(x + c * xs);
+    __m512 acc[NC], acc2[NC];
+    for (int c = 0; c < NC; ++c) acc[c] = acc2[c] = _mm512_setzero_ps();
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* pb = panel + b * 288;
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb)));
+        __m512i u[8];
+        for (int j = 0; j < 4; ++j) {
+            const __m512i v = _mm512_loadu_si512(pb + 32 + 64 * j);
+            u[j] = _mm512_and_si512(v, m4);
+            u[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        }
+        for (int c = 0; c < NC; ++c) {
+            const block_q8_act& xb = xc[c][b];
+            __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], bcast_dword(xb.qs + 0));
+            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[1], bcast_dword(xb.qs + 4));
+            s0 = _mm512_dpbusd_epi32(s0, u[2], bcast_dword(xb.qs + 8));
+            s1 = _mm512_dpbusd_epi32(s1, u[3], bcast_dword(xb.qs + 12));
+            s0 = _mm512_dpbusd_epi32(s0, u[4], bcast_dword(xb.qs + 16));
+            s1 = _mm512_dpbusd_epi32(s1, u[5], bcast_dword(xb.qs + 20));
+            s0 = _mm512_dpbusd_epi32(s0, u[6], bcast_dword(xb.qs + 24));
+            s1 = _mm512_dpbusd_epi32(s1, u[7], bcast_dword(xb.qs + 28));
+            const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+            acc[c] = _mm512_fmadd_ps(isum, _mm512_mul_ps(dw, _mm512_set1_ps(xb.d)), acc[c]);
+            acc2[c] = _mm512_fmadd_ps(dw, _mm512_set1_ps(xb.s), acc2[c]);  // Q4_0's -8 offset, applied below
+        }
+    }
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(y + c * ys, _mm512_fmadd_ps(acc2[c], _mm512_set1_ps(-8.0f), acc[c]));
+}
+
+void panel_q4_0(int64_t k, const void* panels, int64_t n_panels, const void* x, size_t xs, int64_t n_tok, float* y,
+                size_t ys) {
+    static void (*const cols[kPanelCols])(const uint8_t*, int64_t, const uint8_t*, size_t, float*, size_t) = {
+        &q4_0_panel_columns<1>, &q4_0_panel_columns<2>, &q4_0_panel_columns<3>, &q4_0_panel_columns<4>,
+        &q4_0_panel_columns<5>, &q4_0_panel_columns<6>, &q4_0_panel_columns<7>, &q4_0_panel_columns<8>};
+    const int64_t nb = k / 32;
+    const uint8_t* xb = static_cast<const uint8_t*>(x);
+    for (int64_t p = 0; p < n_panels; ++p) {
+        const uint8_t* panel = static_cast<const uint8_t*>(panels) + p * nb * 288;
+        for (int64_t c0 = 0; c0 < n_tok; c0 += kPanelCols) {
+            const int nc = static_cast<int>(std::min<int64_t>(kPanelCols, n_tok - c0));
+            cols[nc - 1](panel, nb, xb + c0 * xs, xs, y + c0 * ys + p * kPanelRows, ys);
+        }
+    }
+}
+
 template <class F>
 void gemm_panel512(int64_t k, const void* w, size_t ws, int nr, const void* x, size_t xs, int64_t n_tok, float* y,
                    size_t ys) {
@@ -335,6 +387,7 @@ const Kernels kTable = {
     gemm_panel512<FmtQ4_1>,
     gemm_panel512<FmtQ8_0>,
     gemm_panel512<FmtNF4>,
+    panel_q4_0,
 };
 
 }  // namespace
