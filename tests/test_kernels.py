@@ -262,28 +262,29 @@ def test_lowbit_isa_env(value, ok):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("k", [32, 96, 4128])
-def test_load_time_panels_vs_oracle_and_rows(isa, k):
-    """Q4_0 repacked into 16-row panels (what the model does at load on CPUs with a panel kernel): the same
+@pytest.mark.parametrize("t,k", [(t, k) for t in QUANTIZED for k in ([64, 128, 4160] if t == NF4 else [32, 96, 4128])])
+def test_load_time_panels_vs_oracle_and_rows(isa, t, k):
+    """Weights repacked into 16-row panels (what the model does at load on CPUs with panel kernels): the same
     products as the row layout within the oracle's tolerance, for decode and prompt column counts."""
-    rng = np.random.default_rng(k)
+    rng = np.random.default_rng(t * 31 + k)
     _core.set_isa(isa)
     for n_out in (16, 48):
-        wb, w = random_weights(Q4_0, n_out, k, rng)
+        wb, w = random_weights(t, n_out, k, rng)
         for n_tok in (1, 3, 8, 9, 33):
             x = make_x(n_tok, k, rng)
-            yp = _core.matmul_panels(Q4_0, wb, n_out, k, x, n_threads=1)
+            yp = _core.matmul_panels(t, wb, n_out, k, x, n_threads=1)
             if yp is None:
-                assert not (isa == "avx512" and cpu_has_vnni()), "AVX-512 VNNI must have the Q4_0 panel kernel"
+                assert not (isa == "avx512" and cpu_has_vnni()), "AVX-512 VNNI must have the panel kernels"
                 pytest.skip(f"{isa} has no panel kernel")
-            ref, tol = oracle(Q4_0, w, x)
-            assert np.all(np.abs(yp - ref) <= tol), f"{isa} k={k} n_out={n_out} n_tok={n_tok}"
-            np.testing.assert_array_equal(yp, _core.matmul_panels(Q4_0, wb, n_out, k, x, n_threads=2))
-            yr = _core.matmul(Q4_0, wb, n_out, k, x, n_threads=1)
+            ref, tol = oracle(t, w, x)
+            err = np.abs(yp - ref)
+            assert np.all(err <= tol), f"{isa} t={t} k={k} n_out={n_out} n_tok={n_tok}: {np.max(err / tol):.3g}"
+            np.testing.assert_array_equal(yp, _core.matmul_panels(t, wb, n_out, k, x, n_threads=2))
+            yr = _core.matmul(t, wb, n_out, k, x, n_threads=1)
             assert np.all(np.abs(yp - yr) <= 2 * tol)
     # 17 rows have no panel layout: the caller must use the rows.
-    wb, _ = random_weights(Q4_0, 17, k, rng)
-    assert _core.matmul_panels(Q4_0, wb, 17, k, make_x(1, k, rng), n_threads=1) is None
+    wb, _ = random_weights(t, 17, k, rng)
+    assert _core.matmul_panels(t, wb, 17, k, make_x(1, k, rng), n_threads=1) is None
 
 
 def cpu_has_vnni() -> bool:

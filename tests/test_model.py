@@ -215,23 +215,24 @@ def test_gpu_layers_agree_with_cpu(qtype):
             assert fp["devices"]["cpu"]["kv"] == cpu_kv
 
 
-def test_repacked_q4_0_panels_change_nothing_but_the_layout(monkeypatch):
-    """Q4_0 weights of CPU blocks are regrouped at load into 16-row panels where the active kernels have panel
-    kernels (AVX-512 VNNI). Same bytes, other summation order: logits within float rounding of the row path,
-    greedy tokens equal, and the footprint moves the bytes from mapped to owned."""
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0", "nf4"])
+def test_repacked_panels_change_nothing_but_the_layout(monkeypatch, qtype):
+    """Block-quantized weights of CPU blocks are regrouped at load into 16-row panels where the active kernels
+    have panel kernels (AVX-512 VNNI). Same bytes, other summation order: logits within float rounding of the
+    row path, greedy tokens equal, and the footprint moves the bytes from mapped to owned."""
     from lowbit import _core
     from test_kernels import cpu_has_vnni
 
     ids = random_ids(SEQ_LEN, 400, seed=12)
     monkeypatch.setenv("LOWBIT_REPACK", "0")
-    with _load(tiny_gguf("q4_0")) as rows:
+    with _load(tiny_gguf(qtype)) as rows:
         ref, ref_fp = rows.logits(ids), rows.memory_footprint()
         ref_greedy = rows.generate_tokens(ids[:8], max_new_tokens=16, temperature=0.0, stop_at_eos=False)
     monkeypatch.setenv("LOWBIT_REPACK", "1")
-    with _load(tiny_gguf("q4_0")) as m:
+    with _load(tiny_gguf(qtype)) as m:
         fp = m.memory_footprint()
         if _core.active_isa() == "avx512" and cpu_has_vnni() and fp["weights_owned"] == ref_fp["weights_owned"]:
-            pytest.fail("AVX-512 VNNI is active but no Q4_0 weight was repacked")
+            pytest.fail(f"AVX-512 VNNI is active but no {qtype} weight was repacked")
         if fp["weights_owned"] == ref_fp["weights_owned"]:
             pytest.skip(f"the {_core.active_isa()} kernels have no panel layout")
         assert fp["weights"] == ref_fp["weights"]

@@ -141,7 +141,7 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelParams& p
     return m;
 }
 
-// Q4_0 matrices of the blocks that run on the CPU are regrouped once into 16-row panels (kernels.h), which
+// Q4_0/Q4_1/Q8_0/NF4 matrices of the blocks that run on the CPU are regrouped once into 16-row panels (kernels.h), which
 // the AVX-512 kernels multiply with about a quarter of the instructions per weight byte (decode then runs at
 // memory speed, and prompts skip a per-call repack). The panels are a private copy of the same bytes; the
 // file pages they came from are released from this process (MADV_DONTNEED: RSS stays about the file size,
@@ -150,12 +150,16 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelParams& p
 void Model::repack_cpu_weights() {
     const char* env = std::getenv("LOWBIT_REPACK");
     if (env && std::string(env) == "0") return;
-    if (!cpu::kernels().panel_q4_0) return;
+    const cpu::Kernels& kt = cpu::kernels();
+    auto has_kernel = [&](QType t) {
+        return (t == QType::Q4_0 && kt.panel_q4_0) || (t == QType::Q4_1 && kt.panel_q4_1) ||
+               (t == QType::Q8_0 && kt.panel_q8_0) || (t == QType::NF4 && kt.panel_nf4);
+    };
     const uint8_t* map_begin = reader_->base();
     const uint8_t* map_end = map_begin + reader_->file_size();
     const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
     auto repack = [&](WeightView& w, bool shared_with_embedding) {
-        if (!w.data || w.panels || !cpu::panels_supported(w.type, w.n_out, w.n_in)) return;
+        if (!w.data || w.panels || !has_kernel(w.type) || !cpu::panels_supported(w.type, w.n_out, w.n_in)) return;
         owned_.emplace_back(cpu::panels_bytes(w.type, w.n_out, w.n_in));
         uint8_t* dst = owned_.back().data();
         pool_->parallel_for(w.n_out / cpu::kPanelRows, 1, [&](int64_t p0, int64_t p1) {

@@ -62,8 +62,11 @@ struct Kernels {
     GemmPanelFn gemm_q4_1 = nullptr;
     GemmPanelFn gemm_q8_0 = nullptr;
     GemmPanelFn gemm_nf4 = nullptr;
-    // Optional kernel over load-time Q4_0 panels (nullptr: callers use the original rows).
+    // Optional kernels over load-time panels (nullptr: callers use the original rows).
     PanelFn panel_q4_0 = nullptr;
+    PanelFn panel_q4_1 = nullptr;
+    PanelFn panel_q8_0 = nullptr;
+    PanelFn panel_nf4 = nullptr;
 };
 
 // Table for one ISA, or nullptr when it was not compiled in or this CPU (and OS) cannot run it.
@@ -88,11 +91,12 @@ void matmul(QType wt, const void* w, size_t w_row_bytes, int64_t n_out, int64_t 
             int64_t n_tok, float* y, void* scratch, ThreadPool& pool);
 
 // ---- load-time repacked weights ("panels") -------------------------------------------------------
-// Q4_0 rows regrouped in panels of kPanelRows rows. Per panel and per 32-element block b, 288 bytes (the
-// same as the 16 original blocks): the 16 rows' fp16 scales, then 4 x 64 bytes where bytes 4r..4r+3 of
-// the j-th 64 are row r's qs[4j..4j+3] (so a 512-bit load holds 16 rows' dwords, and its low/high nibbles
-// are elements 4j.. and 16+4j.. of each row). Panels follow each other; a panel holds k/32 blocks.
-// Only for n_out % kPanelRows == 0. The values are the file's, bit for bit, in another order.
+// Q4_0, Q4_1, Q8_0 and NF4 rows regrouped in panels of kPanelRows rows, per scale block (32 elements; NF4 64)
+// of the 16 rows: their scales (fp16 d, then fp16 m for Q4_1; fp32 absmax/127 for NF4), then per 32-element
+// sub-block 64-byte vectors whose bytes 4r..4r+3 belong to row r. Nibble types: vector j (0..3) holds, in
+// the low nibbles, elements 4j..4j+3 and in the high nibbles 16+4j..16+4j+3 (ggml's Q4 order; NF4 codes are
+// rearranged to it). Q8_0: vector j (0..7) holds elements 4j..4j+3 as unsigned bytes w + 128. A 512-bit load
+// thus yields the vpdpbusd operands of 16 rows at once. Same size as the rows; only for n_out % 16 == 0.
 bool panels_supported(QType t, int64_t n_out, int64_t k);
 size_t panels_bytes(QType t, int64_t n_out, int64_t k);
 // Rows [p0*16, p1*16) of W (rows w_row_bytes apart) -> panels p0..p1-1 of `out` (the whole tensor's buffer).

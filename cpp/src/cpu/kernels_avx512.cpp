@@ -296,54 +296,105 @@ void panel_columns(const PanelBlock* pk, int64_t nx, const uint8_t* x, size_t xs
 
 constexpr int kPanelCols = 8;
 
-// Load-time Q4_0 panels (kernels.h, repack_panels): per block, the 16 rows' scales and 4 x 64 bytes whose low
-// and high nibbles are already the vpdpbusd operands for activation dwords j and j + 4.
-template <int NC>
-void q4_0_panel_columns(const uint8_t* panel, int64_t nb, const uint8_t* x, size_t xs, float* y, size_t ys) {
+// Load-time panels (kernels.h, repack_panels): per scale block the 16 rows' scales, then per 32-element
+// sub-block the vpdpbusd operands of 16 rows (nibble types: low/high nibbles of four 64-byte vectors).
+struct PanelQ4_0 {
+    static constexpr int kSub = 1, kScaleBytes = 32, kSubBytes = 256;
+    static constexpr float kCoef = -8.0f;  // y = acc + kCoef * sum(d_w * s_x): the -8 offset
+    static inline __m512 scale(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+    static inline __m512 coef(const uint8_t* p) { return scale(p); }
+    static inline void unpack(const uint8_t* p, __m512i* u) {
+        const __m512i m4 = _mm512_set1_epi8(0x0f);
+        for (int j = 0; j < 4; ++j) {
+            const __m512i v = _mm512_loadu_si512(p + 64 * j);
+            u[j] = _mm512_and_si512(v, m4);
+            u[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        }
+    }
+};
+struct PanelQ4_1 {
+    static constexpr int kSub = 1, kScaleBytes = 64, kSubBytes = 256;
+    static constexpr float kCoef = 1.0f;  // y = acc + sum(m_w * s_x)
+    static inline __m512 scale(const uint8_t* p) { return PanelQ4_0::scale(p); }
+    static inline __m512 coef(const uint8_t* p) { return PanelQ4_0::scale(p + 32); }
+    static inline void unpack(const uint8_t* p, __m512i* u) { PanelQ4_0::unpack(p, u); }
+};
+struct PanelQ8_0 {
+    static constexpr int kSub = 1, kScaleBytes = 32, kSubBytes = 512;
+    static constexpr float kCoef = -128.0f;  // bytes are w + 128
+    static inline __m512 scale(const uint8_t* p) { return PanelQ4_0::scale(p); }
+    static inline __m512 coef(const uint8_t* p) { return scale(p); }
+    static inline void unpack(const uint8_t* p, __m512i* u) {
+        for (int j = 0; j < 8; ++j) u[j] = _mm512_loadu_si512(p + 64 * j);
+    }
+};
+struct PanelNF4 {
+    static constexpr int kSub = 2, kScaleBytes = 64, kSubBytes = 256;
+    static constexpr float kCoef = -128.0f;  // codes map to kNF4Int8 + 128
+    static inline __m512 scale(const uint8_t* p) { return _mm512_loadu_ps(p); }
+    static inline __m512 coef(const uint8_t* p) { return scale(p); }
+    static inline void unpack(const uint8_t* p, __m512i* u) {
+        const __m512i lut = _mm512_xor_si512(
+            _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lowbit::cpu::detail::kNF4Int8))),
+            _mm512_set1_epi8(static_cast<char>(0x80)));
+        const __m512i m4 = _mm512_set1_epi8(0x0f);
+        for (int j = 0; j < 4; ++j) {
+            const __m512i v = _mm512_loadu_si512(p + 64 * j);
+            u[j] = _mm512_shuffle_epi8(lut, _mm512_and_si512(v, m4));
+            u[j + 4] = _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(v, 4), m4));
+        }
+    }
+};
+
+template <class P, int NC>
+void panel_columns_fmt(const uint8_t* panel, int64_t n_sb, const uint8_t* x, size_t xs, float* y, size_t ys) {
     const block_q8_act* xc[NC];
     for (int c = 0; c < NC; ++c) xc[c] = reinterpret_cast<const block_q8_act*>(x + c * xs);
     __m512 acc[NC], acc2[NC];
     for (int c = 0; c < NC; ++c) acc[c] = acc2[c] = _mm512_setzero_ps();
-    const __m512i m4 = _mm512_set1_epi8(0x0f);
-    for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* pb = panel + b * 288;
-        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb)));
-        __m512i u[8];
-        for (int j = 0; j < 4; ++j) {
-            const __m512i v = _mm512_loadu_si512(pb + 32 + 64 * j);
-            u[j] = _mm512_and_si512(v, m4);
-            u[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-        }
-        for (int c = 0; c < NC; ++c) {
-            const block_q8_act& xb = xc[c][b];
-            __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], bcast_dword(xb.qs + 0));
-            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[1], bcast_dword(xb.qs + 4));
-            s0 = _mm512_dpbusd_epi32(s0, u[2], bcast_dword(xb.qs + 8));
-            s1 = _mm512_dpbusd_epi32(s1, u[3], bcast_dword(xb.qs + 12));
-            s0 = _mm512_dpbusd_epi32(s0, u[4], bcast_dword(xb.qs + 16));
-            s1 = _mm512_dpbusd_epi32(s1, u[5], bcast_dword(xb.qs + 20));
-            s0 = _mm512_dpbusd_epi32(s0, u[6], bcast_dword(xb.qs + 24));
-            s1 = _mm512_dpbusd_epi32(s1, u[7], bcast_dword(xb.qs + 28));
-            const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
-            acc[c] = _mm512_fmadd_ps(isum, _mm512_mul_ps(dw, _mm512_set1_ps(xb.d)), acc[c]);
-            acc2[c] = _mm512_fmadd_ps(dw, _mm512_set1_ps(xb.s), acc2[c]);  // Q4_0's -8 offset, applied below
+    constexpr int64_t kBlockBytes = P::kScaleBytes + P::kSub * P::kSubBytes;
+    for (int64_t sb = 0; sb < n_sb; ++sb) {
+        const uint8_t* pb = panel + sb * kBlockBytes;
+        const __m512 dw = P::scale(pb);
+        const __m512 cw = P::coef(pb);
+        for (int g = 0; g < P::kSub; ++g) {
+            __m512i u[8];
+            P::unpack(pb + P::kScaleBytes + g * P::kSubBytes, u);
+            for (int c = 0; c < NC; ++c) {
+                const block_q8_act& xb = xc[c][sb * P::kSub + g];
+                // Two chains so the eight dependent vpdpbusd do not serialise on their latency.
+                __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], bcast_dword(xb.qs + 0));
+                __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[1], bcast_dword(xb.qs + 4));
+                s0 = _mm512_dpbusd_epi32(s0, u[2], bcast_dword(xb.qs + 8));
+                s1 = _mm512_dpbusd_epi32(s1, u[3], bcast_dword(xb.qs + 12));
+                s0 = _mm512_dpbusd_epi32(s0, u[4], bcast_dword(xb.qs + 16));
+                s1 = _mm512_dpbusd_epi32(s1, u[5], bcast_dword(xb.qs + 20));
+                s0 = _mm512_dpbusd_epi32(s0, u[6], bcast_dword(xb.qs + 24));
+                s1 = _mm512_dpbusd_epi32(s1, u[7], bcast_dword(xb.qs + 28));
+                const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                acc[c] = _mm512_fmadd_ps(isum, _mm512_mul_ps(dw, _mm512_set1_ps(xb.d)), acc[c]);
+                acc2[c] = _mm512_fmadd_ps(cw, _mm512_set1_ps(xb.s), acc2[c]);
+            }
         }
     }
-    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(y + c * ys, _mm512_fmadd_ps(acc2[c], _mm512_set1_ps(-8.0f), acc[c]));
+    const __m512 k = _mm512_set1_ps(P::kCoef);
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(y + c * ys, _mm512_fmadd_ps(acc2[c], k, acc[c]));
 }
 
-void panel_q4_0(int64_t k, const void* panels, int64_t n_panels, const void* x, size_t xs, int64_t n_tok, float* y,
-                size_t ys) {
+template <class P>
+void panel_fmt(int64_t k, const void* panels, int64_t n_panels, const void* x, size_t xs, int64_t n_tok, float* y,
+               size_t ys) {
     static void (*const cols[kPanelCols])(const uint8_t*, int64_t, const uint8_t*, size_t, float*, size_t) = {
-        &q4_0_panel_columns<1>, &q4_0_panel_columns<2>, &q4_0_panel_columns<3>, &q4_0_panel_columns<4>,
-        &q4_0_panel_columns<5>, &q4_0_panel_columns<6>, &q4_0_panel_columns<7>, &q4_0_panel_columns<8>};
-    const int64_t nb = k / 32;
+        &panel_columns_fmt<P, 1>, &panel_columns_fmt<P, 2>, &panel_columns_fmt<P, 3>, &panel_columns_fmt<P, 4>,
+        &panel_columns_fmt<P, 5>, &panel_columns_fmt<P, 6>, &panel_columns_fmt<P, 7>, &panel_columns_fmt<P, 8>};
+    const int64_t n_sb = k / (32 * P::kSub);
+    const int64_t panel_bytes = n_sb * (P::kScaleBytes + P::kSub * P::kSubBytes);
     const uint8_t* xb = static_cast<const uint8_t*>(x);
     for (int64_t p = 0; p < n_panels; ++p) {
-        const uint8_t* panel = static_cast<const uint8_t*>(panels) + p * nb * 288;
+        const uint8_t* panel = static_cast<const uint8_t*>(panels) + p * panel_bytes;
         for (int64_t c0 = 0; c0 < n_tok; c0 += kPanelCols) {
             const int nc = static_cast<int>(std::min<int64_t>(kPanelCols, n_tok - c0));
-            cols[nc - 1](panel, nb, xb + c0 * xs, xs, y + c0 * ys + p * kPanelRows, ys);
+            cols[nc - 1](panel, n_sb, xb + c0 * xs, xs, y + c0 * ys + p * kPanelRows, ys);
         }
     }
 }
@@ -387,7 +438,10 @@ const Kernels kTable = {
     gemm_panel512<FmtQ4_1>,
     gemm_panel512<FmtQ8_0>,
     gemm_panel512<FmtNF4>,
-    panel_q4_0,
+    panel_fmt<PanelQ4_0>,
+    panel_fmt<PanelQ4_1>,
+    panel_fmt<PanelQ8_0>,
+    panel_fmt<PanelNF4>,
 };
 
 }  // namespace

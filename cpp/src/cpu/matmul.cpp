@@ -162,30 +162,93 @@ void matmul(QType wt, const void* w, size_t w_row_bytes, int64_t n_out, int64_t 
     }
 }
 
-constexpr size_t kPanelBlockBytes = 2 * kPanelRows + 16 * kPanelRows;  // scales + nibbles of 16 rows: 288
+// Panel layout per type (kernels.h): per scale block of 16 rows, the scales, then for every 32-element
+// sub-block four (nibble types) or eight (Q8_0) 64-byte vectors of 16 row dwords. Same size as the rows.
+struct PanelFormat {
+    int64_t block;       // elements per scale block
+    size_t block_bytes;  // bytes per scale block of 16 rows
+};
+
+bool panel_format(QType t, PanelFormat* f) {
+    switch (t) {
+        case QType::Q4_0: *f = {32, 32 + 256}; return true;           // fp16 d; nibbles
+        case QType::Q4_1: *f = {32, 32 + 32 + 256}; return true;      // fp16 d, fp16 m; nibbles
+        case QType::Q8_0: *f = {32, 32 + 512}; return true;           // fp16 d; bytes w + 128
+        case QType::NF4: *f = {64, 64 + 2 * 256}; return true;        // fp32 absmax / 127; 2 x nibbles
+        default: return false;
+    }
+}
+
+// Element e's 4-bit code in an NF4 block (bitsandbytes: element 2j in the high nibble of qs[j]).
+inline uint8_t nf4_code(const block_nf4& b, int e) {
+    return static_cast<uint8_t>((e % 2 == 0 ? b.qs[e / 2] >> 4 : b.qs[e / 2]) & 0x0f);
+}
 
 bool panels_supported(QType t, int64_t n_out, int64_t k) {
-    return t == QType::Q4_0 && n_out > 0 && n_out % kPanelRows == 0 && k > 0 && k % 32 == 0;
+    PanelFormat f;
+    return panel_format(t, &f) && n_out > 0 && n_out % kPanelRows == 0 && k > 0 && k % f.block == 0;
 }
 
 size_t panels_bytes(QType t, int64_t n_out, int64_t k) {
-    if (!panels_supported(t, n_out, k)) throw Error("panels: unsupported type or shape");
-    return static_cast<size_t>(n_out / kPanelRows) * static_cast<size_t>(k / 32) * kPanelBlockBytes;
+    PanelFormat f;
+    if (!panels_supported(t, n_out, k) || !panel_format(t, &f)) throw Error("panels: unsupported type or shape");
+    return static_cast<size_t>(n_out / kPanelRows) * static_cast<size_t>(k / f.block) * f.block_bytes;
 }
 
 void repack_panels(QType t, const void* w, size_t w_row_bytes, int64_t n_out, int64_t k, void* out, int64_t p0,
                    int64_t p1) {
-    if (!panels_supported(t, n_out, k)) throw Error("panels: unsupported type or shape");
-    const int64_t nb = k / 32;
+    PanelFormat f;
+    if (!panels_supported(t, n_out, k) || !panel_format(t, &f)) throw Error("panels: unsupported type or shape");
+    const int64_t nb = k / f.block;
+    constexpr int R = kPanelRows;
     for (int64_t p = p0; p < p1; ++p) {
-        uint8_t* dst = static_cast<uint8_t*>(out) + static_cast<size_t>(p) * nb * kPanelBlockBytes;
-        for (int r = 0; r < kPanelRows; ++r) {
-            const auto* row = reinterpret_cast<const block_q4_0*>(static_cast<const uint8_t*>(w) +
-                                                                  (p * kPanelRows + r) * w_row_bytes);
+        uint8_t* dst = static_cast<uint8_t*>(out) + static_cast<size_t>(p) * nb * f.block_bytes;
+        for (int r = 0; r < R; ++r) {
+            const uint8_t* row = static_cast<const uint8_t*>(w) + (p * R + r) * w_row_bytes;
             for (int64_t b = 0; b < nb; ++b) {
-                uint8_t* pb = dst + b * kPanelBlockBytes;
-                std::memcpy(pb + 2 * r, &row[b].d, 2);
-                for (int j = 0; j < 4; ++j) std::memcpy(pb + 2 * kPanelRows + 64 * j + 4 * r, row[b].qs + 4 * j, 4);
+                uint8_t* pb = dst + b * f.block_bytes;
+                switch (t) {
+                    case QType::Q4_0: {
+                        const auto& x = reinterpret_cast<const block_q4_0*>(row)[b];
+                        std::memcpy(pb + 2 * r, &x.d, 2);
+                        for (int j = 0; j < 4; ++j) std::memcpy(pb + 32 + 64 * j + 4 * r, x.qs + 4 * j, 4);
+                        break;
+                    }
+                    case QType::Q4_1: {
+                        const auto& x = reinterpret_cast<const block_q4_1*>(row)[b];
+                        std::memcpy(pb + 2 * r, &x.d, 2);
+                        std::memcpy(pb + 32 + 2 * r, &x.m, 2);
+                        for (int j = 0; j < 4; ++j) std::memcpy(pb + 64 + 64 * j + 4 * r, x.qs + 4 * j, 4);
+                        break;
+                    }
+                    case QType::Q8_0: {
+                        const auto& x = reinterpret_cast<const block_q8_0*>(row)[b];
+                        std::memcpy(pb + 2 * r, &x.d, 2);
+                        for (int j = 0; j < 8; ++j) {
+                            for (int i = 0; i < 4; ++i) {
+                                pb[32 + 64 * j + 4 * r + i] = static_cast<uint8_t>(x.qs[4 * j + i]) ^ 0x80u;
+                            }
+                        }
+                        break;
+                    }
+                    case QType::NF4: {
+                        const auto& x = reinterpret_cast<const block_nf4*>(row)[b];
+                        const float d = x.absmax * (1.0f / 127.0f);  // as the row kernels scale kNF4Int8
+                        std::memcpy(pb + 4 * r, &d, 4);
+                        for (int g = 0; g < 2; ++g) {
+                            for (int j = 0; j < 4; ++j) {
+                                for (int i = 0; i < 4; ++i) {
+                                    const int e = 32 * g + 4 * j + i;
+                                    pb[64 + 256 * g + 64 * j + 4 * r + i] =
+                                        static_cast<uint8_t>(nf4_code(x, e) | nf4_code(x, e + 16) << 4);
+                                }
+                            }
+                        }
+                        break;
+                    }
+                    default:
+                        throw Error("panels: unsupported type");
+                }
             }
         }
     }
@@ -194,8 +257,10 @@ void repack_panels(QType t, const void* w, size_t w_row_bytes, int64_t n_out, in
 bool matmul_panels(QType t, const void* panels, int64_t n_out, int64_t k, const float* x, int64_t n_tok, float* y,
                    void* scratch, ThreadPool& pool) {
     const Kernels& kt = kernels();
-    const PanelFn fn = t == QType::Q4_0 ? kt.panel_q4_0 : nullptr;
-    if (!fn || !panels_supported(t, n_out, k) || n_tok <= 0) return false;
+    const PanelFn fn = t == QType::Q4_0 ? kt.panel_q4_0 : t == QType::Q4_1 ? kt.panel_q4_1
+                     : t == QType::Q8_0 ? kt.panel_q8_0 : t == QType::NF4 ? kt.panel_nf4 : nullptr;
+    PanelFormat f;
+    if (!fn || !panels_supported(t, n_out, k) || !panel_format(t, &f) || n_tok <= 0) return false;
     if (scratch == nullptr) throw Error("matmul: quantized weights need act_scratch_bytes() of scratch");
     block_q8_act* act = static_cast<block_q8_act*>(scratch);
     const int64_t nb = k / 32;
@@ -205,7 +270,7 @@ bool matmul_panels(QType t, const void* panels, int64_t n_out, int64_t k, const 
     });
     const size_t xs = static_cast<size_t>(nb) * sizeof(block_q8_act);
     const int64_t n_panels = n_out / kPanelRows;
-    const size_t panel_bytes = static_cast<size_t>(nb) * kPanelBlockBytes;
+    const size_t panel_bytes = static_cast<size_t>(k / f.block) * f.block_bytes;
     // Decode: ~64 KB of weights per work item (one sequential stream), at least ~16 items to balance threads.
     // Prompt: one panel per item; the kernel passes all columns over it while it sits in L1/L2.
     int64_t per_item = 1;
