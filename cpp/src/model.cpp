@@ -141,6 +141,34 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelParams& p
     return m;
 }
 
+Model::OwnedBuffer::OwnedBuffer(size_t n) : n_(n) {
+    constexpr size_t kMapFrom = size_t{4} << 20;
+    if (n >= kMapFrom) {
+        void* m = ::mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) throw Error("out of memory: cannot allocate " + std::to_string(n >> 20) + " MiB for weights");
+#ifdef MADV_HUGEPAGE
+        ::madvise(m, n, MADV_HUGEPAGE);  // best effort
+#endif
+        p_ = static_cast<uint8_t*>(m);
+        mapped_ = true;
+    } else {
+        p_ = new uint8_t[n > 0 ? n : 1];
+    }
+}
+
+Model::OwnedBuffer::OwnedBuffer(const uint8_t* begin, const uint8_t* end) : OwnedBuffer(static_cast<size_t>(end - begin)) {
+    std::memcpy(p_, begin, n_);
+}
+
+Model::OwnedBuffer::~OwnedBuffer() {
+    if (!p_) return;
+    if (mapped_) {
+        ::munmap(p_, n_);
+    } else {
+        delete[] p_;
+    }
+}
+
 // Q4_0/Q4_1/Q8_0/NF4 matrices of the blocks that run on the CPU are regrouped once into 16-row panels (kernels.h), which
 // the AVX-512 kernels multiply with about a quarter of the instructions per weight byte (decode then runs at
 // memory speed, and prompts skip a per-call repack). The panels are a private copy of the same bytes; the

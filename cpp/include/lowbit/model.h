@@ -136,7 +136,25 @@ private:
     std::vector<Layer> layers_;
     std::vector<float> rope_inv_freq_;  // (n_rot / 2) per-pair angular frequency
     bool has_rope_freq_factors_ = false;  // rope_freqs.weight present
-    std::vector<std::vector<uint8_t>> owned_;  // storage for tensors converted at load
+    // Storage for tensors converted or repacked at load: uninitialised, large ones as anonymous mappings
+    // with transparent huge pages (a 1 GB repack then costs ~500 page faults instead of ~250,000).
+    class OwnedBuffer {
+    public:
+        explicit OwnedBuffer(size_t n);
+        OwnedBuffer(const uint8_t* begin, const uint8_t* end);
+        OwnedBuffer(OwnedBuffer&& o) noexcept : p_(o.p_), n_(o.n_), mapped_(o.mapped_) { o.p_ = nullptr; o.n_ = 0; }
+        OwnedBuffer& operator=(OwnedBuffer&&) = delete;
+        OwnedBuffer(const OwnedBuffer&) = delete;
+        ~OwnedBuffer();
+        uint8_t* data() const { return p_; }
+        size_t size() const { return n_; }
+
+    private:
+        uint8_t* p_ = nullptr;
+        size_t n_ = 0;
+        bool mapped_ = false;
+    };
+    std::vector<OwnedBuffer> owned_;
     uint64_t weights_mapped_ = 0;
 
     // ---- KV cache of the CPU blocks: (gpu_begin_, n_ctx, n_head_kv * head_dim), f32 or f16 ----

@@ -179,11 +179,6 @@ bool panel_format(QType t, PanelFormat* f) {
     }
 }
 
-// Element e's 4-bit code in an NF4 block (bitsandbytes: element 2j in the high nibble of qs[j]).
-inline uint8_t nf4_code(const block_nf4& b, int e) {
-    return static_cast<uint8_t>((e % 2 == 0 ? b.qs[e / 2] >> 4 : b.qs[e / 2]) & 0x0f);
-}
-
 bool panels_supported(QType t, int64_t n_out, int64_t k) {
     PanelFormat f;
     return panel_format(t, &f) && n_out > 0 && n_out % kPanelRows == 0 && k > 0 && k % f.block == 0;
@@ -195,61 +190,74 @@ size_t panels_bytes(QType t, int64_t n_out, int64_t k) {
     return static_cast<size_t>(n_out / kPanelRows) * static_cast<size_t>(k / f.block) * f.block_bytes;
 }
 
+namespace {
+
+// One row's scale block b -> its lane r of the panel block pb (layouts in kernels.h).
+inline void put_dword(uint8_t* dst, const uint8_t* src) { std::memcpy(dst, src, 4); }
+
+void repack_row_q4_0(const uint8_t* row, int64_t nb, int r, uint8_t* dst, size_t bb) {
+    const auto* x = reinterpret_cast<const block_q4_0*>(row);
+    for (int64_t b = 0; b < nb; ++b, dst += bb) {
+        std::memcpy(dst + 2 * r, &x[b].d, 2);
+        for (int j = 0; j < 4; ++j) put_dword(dst + 32 + 64 * j + 4 * r, x[b].qs + 4 * j);
+    }
+}
+void repack_row_q4_1(const uint8_t* row, int64_t nb, int r, uint8_t* dst, size_t bb) {
+    const auto* x = reinterpret_cast<const block_q4_1*>(row);
+    for (int64_t b = 0; b < nb; ++b, dst += bb) {
+        std::memcpy(dst + 2 * r, &x[b].d, 2);
+        std::memcpy(dst + 32 + 2 * r, &x[b].m, 2);
+        for (int j = 0; j < 4; ++j) put_dword(dst + 64 + 64 * j + 4 * r, x[b].qs + 4 * j);
+    }
+}
+void repack_row_q8_0(const uint8_t* row, int64_t nb, int r, uint8_t* dst, size_t bb) {
+    const auto* x = reinterpret_cast<const block_q8_0*>(row);
+    for (int64_t b = 0; b < nb; ++b, dst += bb) {
+        std::memcpy(dst + 2 * r, &x[b].d, 2);
+        for (int j = 0; j < 8; ++j) {
+            uint32_t v;
+            std::memcpy(&v, x[b].qs + 4 * j, 4);
+            v ^= 0x80808080u;  // w + 128 in every byte
+            std::memcpy(dst + 32 + 64 * j + 4 * r, &v, 4);
+        }
+    }
+}
+void repack_row_nf4(const uint8_t* row, int64_t nb, int r, uint8_t* dst, size_t bb) {
+    const auto* x = reinterpret_cast<const block_nf4*>(row);
+    for (int64_t b = 0; b < nb; ++b, dst += bb) {
+        const float d = x[b].absmax * (1.0f / 127.0f);  // as the row kernels scale kNF4Int8
+        std::memcpy(dst + 4 * r, &d, 4);
+        uint8_t code[64];
+        for (int i = 0; i < 32; ++i) {  // bitsandbytes: element 2i in the high nibble of qs[i]
+            code[2 * i] = static_cast<uint8_t>(x[b].qs[i] >> 4);
+            code[2 * i + 1] = static_cast<uint8_t>(x[b].qs[i] & 0x0f);
+        }
+        for (int g = 0; g < 2; ++g) {
+            for (int j = 0; j < 4; ++j) {
+                uint8_t* o = dst + 64 + 256 * g + 64 * j + 4 * r;
+                for (int i = 0; i < 4; ++i) {
+                    const int e = 32 * g + 4 * j + i;
+                    o[i] = static_cast<uint8_t>(code[e] | code[e + 16] << 4);
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
 void repack_panels(QType t, const void* w, size_t w_row_bytes, int64_t n_out, int64_t k, void* out, int64_t p0,
                    int64_t p1) {
     PanelFormat f;
     if (!panels_supported(t, n_out, k) || !panel_format(t, &f)) throw Error("panels: unsupported type or shape");
     const int64_t nb = k / f.block;
-    constexpr int R = kPanelRows;
+    void (*row_fn)(const uint8_t*, int64_t, int, uint8_t*, size_t) =
+        t == QType::Q4_0 ? repack_row_q4_0 : t == QType::Q4_1 ? repack_row_q4_1
+        : t == QType::Q8_0 ? repack_row_q8_0 : repack_row_nf4;
     for (int64_t p = p0; p < p1; ++p) {
         uint8_t* dst = static_cast<uint8_t*>(out) + static_cast<size_t>(p) * nb * f.block_bytes;
-        for (int r = 0; r < R; ++r) {
-            const uint8_t* row = static_cast<const uint8_t*>(w) + (p * R + r) * w_row_bytes;
-            for (int64_t b = 0; b < nb; ++b) {
-                uint8_t* pb = dst + b * f.block_bytes;
-                switch (t) {
-                    case QType::Q4_0: {
-                        const auto& x = reinterpret_cast<const block_q4_0*>(row)[b];
-                        std::memcpy(pb + 2 * r, &x.d, 2);
-                        for (int j = 0; j < 4; ++j) std::memcpy(pb + 32 + 64 * j + 4 * r, x.qs + 4 * j, 4);
-                        break;
-                    }
-                    case QType::Q4_1: {
-                        const auto& x = reinterpret_cast<const block_q4_1*>(row)[b];
-                        std::memcpy(pb + 2 * r, &x.d, 2);
-                        std::memcpy(pb + 32 + 2 * r, &x.m, 2);
-                        for (int j = 0; j < 4; ++j) std::memcpy(pb + 64 + 64 * j + 4 * r, x.qs + 4 * j, 4);
-                        break;
-                    }
-                    case QType::Q8_0: {
-                        const auto& x = reinterpret_cast<const block_q8_0*>(row)[b];
-                        std::memcpy(pb + 2 * r, &x.d, 2);
-                        for (int j = 0; j < 8; ++j) {
-                            for (int i = 0; i < 4; ++i) {
-                                pb[32 + 64 * j + 4 * r + i] = static_cast<uint8_t>(x.qs[4 * j + i]) ^ 0x80u;
-                            }
-                        }
-                        break;
-                    }
-                    case QType::NF4: {
-                        const auto& x = reinterpret_cast<const block_nf4*>(row)[b];
-                        const float d = x.absmax * (1.0f / 127.0f);  // as the row kernels scale kNF4Int8
-                        std::memcpy(pb + 4 * r, &d, 4);
-                        for (int g = 0; g < 2; ++g) {
-                            for (int j = 0; j < 4; ++j) {
-                                for (int i = 0; i < 4; ++i) {
-                                    const int e = 32 * g + 4 * j + i;
-                                    pb[64 + 256 * g + 64 * j + 4 * r + i] =
-                                        static_cast<uint8_t>(nf4_code(x, e) | nf4_code(x, e + 16) << 4);
-                                }
-                            }
-                        }
-                        break;
-                    }
-                    default:
-                        throw Error("panels: unsupported type");
-                }
-            }
+        for (int r = 0; r < kPanelRows; ++r) {
+            row_fn(static_cast<const uint8_t*>(w) + (p * kPanelRows + r) * w_row_bytes, nb, r, dst, f.block_bytes);
         }
     }
 }
