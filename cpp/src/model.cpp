@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <utility>
 #include <string>
 
 #include <sys/mman.h>
@@ -669,6 +671,16 @@ void Model::forward_layers_cpu(int layer_begin, int layer_end, float* x, int n, 
         if (w.panels && cpu::matmul_panels(w.type, w.panels, w.n_out, w.n_in, in, n, out, scratch, pool)) return;
         cpu::matmul(w.type, w.data, w.row_bytes, w.n_out, w.n_in, in, n, out, scratch, pool);
     };
+    // Matrices sharing one input in one pool job (false: not all of them have panels; use mm()).
+    auto mm_group = [&](std::initializer_list<std::pair<const WeightView*, float*>> ws, const float* in) {
+        cpu::PanelJob jobs[cpu::kMaxPanelJobs];
+        int nj = 0;
+        for (const auto& [w, out] : ws) {
+            if (!w->panels || w->n_in != ws.begin()->first->n_in) return false;
+            jobs[nj++] = {w->type, w->panels, w->n_out, out};
+        }
+        return cpu::matmul_panels_group(jobs, nj, ws.begin()->first->n_in, in, n, scratch, pool);
+    };
 
     // cos/sin of every position of the chunk, shared by all heads and layers: (n, n_rot/2 pairs). Angles are
     // formed in double: transformers builds them in fp32 and llama.cpp by repeated fp32 multiplication, so
@@ -690,9 +702,11 @@ void Model::forward_layers_cpu(int layer_begin, int layer_end, float* x, int n, 
         for (int i = 0; i < n; ++i) {
             kr.rmsnorm(xb_.data() + i * c.n_embd, x + i * c.n_embd, L.attn_norm, c.n_embd, c.rms_eps);
         }
-        mm(L.wq, xb_.data(), q_.data());
-        mm(L.wk, xb_.data(), k_.data());
-        mm(L.wv, xb_.data(), v_.data());
+        if (!mm_group({{&L.wq, q_.data()}, {&L.wk, k_.data()}, {&L.wv, v_.data()}}, xb_.data())) {
+            mm(L.wq, xb_.data(), q_.data());
+            mm(L.wk, xb_.data(), k_.data());
+            mm(L.wv, xb_.data(), v_.data());
+        }
         apply_rope(q_.data(), c.n_head, n, pos0);
         apply_rope(k_.data(), c.n_head_kv, n, pos0);
 
@@ -719,8 +733,10 @@ void Model::forward_layers_cpu(int layer_begin, int layer_end, float* x, int n, 
         for (int i = 0; i < n; ++i) {
             kr.rmsnorm(xb_.data() + i * c.n_embd, x + i * c.n_embd, L.ffn_norm, c.n_embd, c.rms_eps);
         }
-        mm(L.w_gate, xb_.data(), hb_.data());
-        mm(L.w_up, xb_.data(), hb2_.data());
+        if (!mm_group({{&L.w_gate, hb_.data()}, {&L.w_up, hb2_.data()}}, xb_.data())) {
+            mm(L.w_gate, xb_.data(), hb_.data());
+            mm(L.w_up, xb_.data(), hb2_.data());
+        }
         kr.silu_mul(hb_.data(), hb_.data(), hb2_.data(), static_cast<int64_t>(n) * c.n_ff);
         mm(L.w_down, hb_.data(), xb_.data());
         for (int64_t e = 0; e < n * c.n_embd; ++e) x[e] += xb_[e];

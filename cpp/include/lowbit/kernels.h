@@ -106,6 +106,18 @@ void repack_panels(QType t, const void* w, size_t w_row_bytes, int64_t n_out, in
 // kernel for t; the caller then multiplies the original rows.
 bool matmul_panels(QType t, const void* panels, int64_t n_out, int64_t k, const float* x, int64_t n_tok, float* y,
                    void* scratch, ThreadPool& pool);
+// Several matrices with the same input (Q/K/V, gate/up): the activations are quantized once and all
+// outputs are computed in one pool job (one barrier instead of one per matrix). All or nothing: false
+// when any of them has no panel kernel.
+struct PanelJob {
+    QType type;
+    const void* panels;
+    int64_t n_out;
+    float* y;  // (n_tok, n_out)
+};
+constexpr int kMaxPanelJobs = 4;
+bool matmul_panels_group(const PanelJob* jobs, int n_jobs, int64_t k, const float* x, int64_t n_tok, void* scratch,
+                         ThreadPool& pool);
 
 }  // namespace cpu
 }  // namespace lowbit

@@ -262,13 +262,55 @@ void repack_panels(QType t, const void* w, size_t w_row_bytes, int64_t n_out, in
     }
 }
 
-bool matmul_panels(QType t, const void* panels, int64_t n_out, int64_t k, const float* x, int64_t n_tok, float* y,
-                   void* scratch, ThreadPool& pool) {
+namespace {
+
+PanelFn panel_fn(const Kernels& kt, QType t) {
+    switch (t) {
+        case QType::Q4_0: return kt.panel_q4_0;
+        case QType::Q4_1: return kt.panel_q4_1;
+        case QType::Q8_0: return kt.panel_q8_0;
+        case QType::NF4: return kt.panel_nf4;
+        default: return nullptr;
+    }
+}
+
+}  // namespace
+
+bool matmul_panels_group(const PanelJob* jobs, int n_jobs, int64_t k, const float* x, int64_t n_tok, void* scratch,
+                         ThreadPool& pool) {
     const Kernels& kt = kernels();
-    const PanelFn fn = t == QType::Q4_0 ? kt.panel_q4_0 : t == QType::Q4_1 ? kt.panel_q4_1
-                     : t == QType::Q8_0 ? kt.panel_q8_0 : t == QType::NF4 ? kt.panel_nf4 : nullptr;
-    PanelFormat f;
-    if (!fn || !panels_supported(t, n_out, k) || !panel_format(t, &f) || n_tok <= 0) return false;
+    if (n_jobs < 1 || n_jobs > kMaxPanelJobs || n_tok <= 0) return false;
+    struct Item {
+        PanelFn fn;
+        const uint8_t* panels;
+        size_t panel_bytes;
+        int64_t n_panels, per_item, first_item;
+        float* y;
+        int64_t n_out;
+    } items[kMaxPanelJobs];
+    int64_t n_items = 0;
+    for (int j = 0; j < n_jobs; ++j) {
+        const PanelJob& pj = jobs[j];
+        PanelFormat f;
+        const PanelFn fn = panel_fn(kt, pj.type);
+        if (!fn || !pj.panels || !panels_supported(pj.type, pj.n_out, k) || !panel_format(pj.type, &f)) return false;
+        Item& it = items[j];
+        it.fn = fn;
+        it.panels = static_cast<const uint8_t*>(pj.panels);
+        it.panel_bytes = static_cast<size_t>(k / f.block) * f.block_bytes;
+        it.n_panels = pj.n_out / kPanelRows;
+        // Decode: ~64 KB of weights per work item (one sequential stream), at least ~16 items per matrix to
+        // balance threads. Prompt: one panel per item; the kernel passes all columns over it in L1/L2.
+        it.per_item = 1;
+        if (n_tok < 8) {
+            it.per_item = std::max<int64_t>(1, static_cast<int64_t>(65536 / it.panel_bytes));
+            it.per_item = std::min(it.per_item, std::max<int64_t>(1, it.n_panels / 16));
+        }
+        it.first_item = n_items;
+        n_items += (it.n_panels + it.per_item - 1) / it.per_item;
+        it.y = pj.y;
+        it.n_out = pj.n_out;
+    }
     if (scratch == nullptr) throw Error("matmul: quantized weights need act_scratch_bytes() of scratch");
     block_q8_act* act = static_cast<block_q8_act*>(scratch);
     const int64_t nb = k / 32;
@@ -277,24 +319,17 @@ bool matmul_panels(QType t, const void* panels, int64_t n_out, int64_t k, const 
         for (int64_t i = t0; i < t1; ++i) kt.quantize_act(x + i * k, act + i * nb, k);
     });
     const size_t xs = static_cast<size_t>(nb) * sizeof(block_q8_act);
-    const int64_t n_panels = n_out / kPanelRows;
-    const size_t panel_bytes = static_cast<size_t>(k / f.block) * f.block_bytes;
-    // Decode: ~64 KB of weights per work item (one sequential stream), at least ~16 items to balance threads.
-    // Prompt: one panel per item; the kernel passes all columns over it while it sits in L1/L2.
-    int64_t per_item = 1;
-    if (n_tok < 8) {
-        per_item = std::max<int64_t>(1, static_cast<int64_t>(65536 / panel_bytes));
-        per_item = std::min(per_item, std::max<int64_t>(1, n_panels / 16));
-    }
-    const int64_t n_items = (n_panels + per_item - 1) / per_item;
     std::atomic<int64_t> next{0};
     auto work = [&](int, int) {
+        int j = 0;
         for (;;) {
             const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
             if (i >= n_items) return;
-            const int64_t p0 = i * per_item, p1 = std::min(n_panels, p0 + per_item);
-            fn(k, static_cast<const uint8_t*>(panels) + p0 * panel_bytes, p1 - p0, act, xs, n_tok,
-               y + p0 * kPanelRows, static_cast<size_t>(n_out));
+            while (j + 1 < n_jobs && i >= items[j + 1].first_item) ++j;  // items are handed out in order
+            const Item& it = items[j];
+            const int64_t p0 = (i - it.first_item) * it.per_item, p1 = std::min(it.n_panels, p0 + it.per_item);
+            it.fn(k, it.panels + p0 * it.panel_bytes, p1 - p0, act, xs, n_tok, it.y + p0 * kPanelRows,
+                  static_cast<size_t>(it.n_out));
         }
     };
     if (n_items == 1 || pool.size() == 1) {
@@ -303,6 +338,12 @@ bool matmul_panels(QType t, const void* panels, int64_t n_out, int64_t k, const 
         pool.run(work);
     }
     return true;
+}
+
+bool matmul_panels(QType t, const void* panels, int64_t n_out, int64_t k, const float* x, int64_t n_tok, float* y,
+                   void* scratch, ThreadPool& pool) {
+    const PanelJob job{t, panels, n_out, y};
+    return matmul_panels_group(&job, 1, k, x, n_tok, scratch, pool);
 }
 
 }  // namespace cpu
