@@ -1,4 +1,6 @@
 // Python entry points to the CPU kernels (ISA choice, activation quantizer, matmul, layer ops) for tests and benchmarks.
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
@@ -165,6 +167,21 @@ py::object matmul_panels_seconds(const py::object& qtype, const py::buffer& w, i
 }  // namespace
 
 void bind_kernels(py::module_& m) {
+    m.def("pool_barrier_seconds", [](int n_threads, int reps) {
+        // Median seconds of one empty ThreadPool::run (wake the workers, run nothing, wait for all): the
+        // fixed cost every parallel matmul pays on top of its work.
+        lowbit::ThreadPool& pool = pool_for(n_threads);
+        std::vector<double> t(static_cast<size_t>(std::max(reps, 1)));
+        py::gil_scoped_release nogil;
+        std::atomic<int> sink{0};
+        for (auto& v : t) {
+            auto t0 = std::chrono::steady_clock::now();
+            pool.run([&](int ith, int) { sink.fetch_add(ith, std::memory_order_relaxed); });
+            v = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        }
+        std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
+        return t[t.size() / 2];
+    }, "Benchmark: median seconds of an empty pool job (the barrier cost).", py::arg("n_threads"), py::arg("reps") = 10000);
     m.def("matmul_panels_seconds", &matmul_panels_seconds, "Benchmark: min seconds of the panel matmul alone.",
           py::arg("qtype"), py::arg("w"), py::arg("n_out"), py::arg("k"), py::arg("x"), py::arg("n_threads") = 1,
           py::arg("reps") = 5);

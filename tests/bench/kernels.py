@@ -1,5 +1,6 @@
-"""Micro benchmark of the CPU matmul kernels: matvec GB/s of weight bytes per type and ISA, GEMM tokens/s,
-next to a memory-bandwidth probe (sum over a 1 GB array).
+"""Micro benchmark of the CPU matmul kernels: matvec GB/s of weight bytes per type and ISA, GEMM tokens/s, for
+the file's row layout and the load-time panel layout, next to a memory-bandwidth probe (sum over a 1 GB array)
+and the thread pool's barrier cost.
 
     LOWBIT_CORE_DIR=build/dev-NAME PYTHONPATH=python python tests/bench/kernels.py [--threads 2] [--isa avx512]
 """
@@ -98,8 +99,21 @@ def main() -> None:
                 gbs.append(w.nbytes / t / 1e9)
             w = shapes[5632]
             t = timed(lambda: _core.matmul(tid, w, 5632, k, xg, n_threads=args.threads), max(2, args.repeat // 3))
-            print(f"{isa:8} {name:5} {gbs[0]:15.1f} {gbs[1]:16.1f} {args.gemm_tokens / t:21.0f}")
+            row = f"{isa:8} {name:5} {gbs[0]:15.1f} {gbs[1]:16.1f} {args.gemm_tokens / t:21.0f}"
+            # The load-time panel layout (what load() uses where the ISA has panel kernels).
+            pgbs = []
+            for n_out, w in shapes.items():
+                s = _core.matmul_panels_seconds(tid, w, n_out, k, x1, n_threads=args.threads, reps=args.repeat)
+                pgbs.append(w.nbytes / s / 1e9 if s else None)
+            if pgbs[0] is not None:
+                s = _core.matmul_panels_seconds(tid, shapes[5632], 5632, k, xg, n_threads=args.threads,
+                                                reps=max(2, args.repeat // 3))
+                row += f"   panels: {pgbs[0]:.1f} / {pgbs[1]:.1f} GB/s, gemm {args.gemm_tokens / s:.0f} tok/s"
+            print(row)
     _core.reset_isa()
+    for n in sorted({1, args.threads}):
+        print(f"pool barrier (empty job, median of 10000), {n} thread(s): "
+              f"{_core.pool_barrier_seconds(n) * 1e6:.2f} us")
 
 
 if __name__ == "__main__":
