@@ -1,7 +1,9 @@
 // AVX2 + FMA + F16C kernels (256-bit, vpmaddubsw integer dots); bodies in kernels_x86.inc.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "cpu/kernels_internal.h"
 
@@ -29,6 +31,14 @@ const Kernels kAvx2 = {
     silu_mul_x86,
     dot_f32_f32_x86,
     axpy_f32_x86,
+    nullptr,  // per-call prompt GEMM: the AVX-512 VNNI table only
+    nullptr,
+    nullptr,
+    nullptr,
+    panel_q4_x86<false>,  // load-time panels: Q4_0
+    panel_q4_x86<true>,   // Q4_1
+    nullptr,              // Q8_0 and NF4 panels hold w + 128, which vpmaddubsw would saturate on
+    nullptr,
 };
 
 }  // namespace

@@ -469,6 +469,14 @@ const Kernels kTable = {
     silu_mul_x86,
     dot_f32_f32_x86,
     axpy_f32_x86,
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
+    panel_q4_x86<false>,
+    panel_q4_x86<true>,
+    nullptr,
+    nullptr,
 };
 
 }  // namespace
