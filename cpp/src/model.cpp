@@ -639,9 +639,13 @@ void Model::attention(int layer, int n, int pos0) {
                 max_score = std::max(max_score, scores[t]);
             }
             float sum = 0.0f;
-            for (int t = 0; t < n_kv; ++t) {
-                scores[t] = std::exp(scores[t] - max_score);
-                sum += scores[t];
+            if (kr.exp_sub_sum) {
+                sum = kr.exp_sub_sum(scores, n_kv, max_score);
+            } else {
+                for (int t = 0; t < n_kv; ++t) {
+                    scores[t] = std::exp(scores[t] - max_score);
+                    sum += scores[t];
+                }
             }
             const float inv_sum = 1.0f / sum;
 
@@ -651,6 +655,10 @@ void Model::attention(int layer, int n, int pos0) {
                 const uint8_t* vsrc = vc + t * row_bytes + off;
                 const float* v = reinterpret_cast<const float*>(vsrc);
                 if (f16) {
+                    if (kr.axpy_f16) {  // the cache rows are 2-byte aligned (owned, even offsets)
+                        kr.axpy_f16(out, scores[t] * inv_sum, reinterpret_cast<const uint16_t*>(vsrc), hd);
+                        continue;
+                    }
                     dequantize_row(QType::F16, vsrc, vrow, hd);
                     v = vrow;
                 }

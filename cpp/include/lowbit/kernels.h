@@ -67,6 +67,11 @@ struct Kernels {
     PanelFn panel_q4_1 = nullptr;
     PanelFn panel_q8_0 = nullptr;
     PanelFn panel_nf4 = nullptr;
+    // Optional attention helpers (nullptr: the caller's scalar loop).
+    // s[i] = exp(s[i] - sub) for n floats; returns their sum. Within 2 ulp of std::exp for s - sub <= 0
+    // (inputs below -87 give about 1e-38 instead of a smaller number).
+    float (*exp_sub_sum)(float* s, int64_t n, float sub) = nullptr;
+    void (*axpy_f16)(float* y, float a, const uint16_t* x, int64_t n) = nullptr;  // y += a * fp16 x
 };
 
 // Table for one ISA, or nullptr when it was not compiled in or this CPU (and OS) cannot run it.

@@ -39,6 +39,8 @@ const Kernels kAvx2 = {
     panel_q4_x86<true>,   // Q4_1
     nullptr,              // Q8_0 and NF4 panels hold w + 128, which vpmaddubsw would saturate on
     nullptr,
+    exp_sub_sum_x86,
+    axpy_f16_x86,
 };
 
 }  // namespace

@@ -442,6 +442,8 @@ const Kernels kTable = {
     panel_fmt<PanelQ4_1>,
     panel_fmt<PanelQ8_0>,
     panel_fmt<PanelNF4>,
+    exp_sub_sum_x86,
+    axpy_f16_x86,
 };
 
 }  // namespace
@@ -477,6 +479,8 @@ const Kernels kTable = {
     panel_q4_x86<true>,
     nullptr,
     nullptr,
+    exp_sub_sum_x86,
+    axpy_f16_x86,
 };
 
 }  // namespace
