@@ -101,6 +101,10 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelParams& p
         throw Error("head_count (" + std::to_string(c.n_head) + ") is not a multiple of head_count_kv (" +
                     std::to_string(c.n_head_kv) + ")");
     }
+    if (c.n_head / c.n_head_kv > 64) {
+        throw Error("more than 64 query heads per KV head (" + std::to_string(c.n_head) + " / " +
+                    std::to_string(c.n_head_kv) + ") is not supported");
+    }
     if (r.has(a + "attention.key_length")) {
         c.head_dim = require_int(a + "attention.key_length");
     } else {
@@ -476,7 +480,9 @@ void Model::allocate_state() {
     att_out_.assign(nb * q_dim, 0.0f);
     hb_.assign(nb * c.n_ff, 0.0f);
     hb2_.assign(nb * c.n_ff, 0.0f);
-    att_.assign(static_cast<size_t>(pool_->size()) * (n_ctx_ + c.head_dim), 0.0f);
+    // Per thread: the scores of one query token's heads that share a KV head, and a value row.
+    att_.assign(static_cast<size_t>(pool_->size()) * (static_cast<size_t>(c.n_head / c.n_head_kv) * n_ctx_ + c.head_dim),
+                0.0f);
     rope_cs_.assign(nb * c.n_rot, 0.0f);
 
     size_t act = cpu::act_scratch_bytes(output.type, c.n_embd, nb);
@@ -610,59 +616,71 @@ void Model::attention(int layer, int n, int pos0) {
     const uint8_t* kc = k_cache_.data() + static_cast<size_t>(layer) * n_ctx_ * row_bytes;
     const uint8_t* vc = v_cache_.data() + static_cast<size_t>(layer) * n_ctx_ * row_bytes;
     const bool f16 = params_.kv_f16;
-    const int64_t n_items = static_cast<int64_t>(n) * c.n_head;
+    // One item = one query token x one KV head: the `group` query heads that share those keys and values
+    // are scored together (dot tiles of up to 4 keys x 4 heads), so each key and value row is read once per
+    // group instead of once per head.
+    const int64_t n_items = static_cast<int64_t>(n) * c.n_head_kv;
+    const cpu::DotTileFn score_tile = f16 ? kr.dot_f16 : kr.dot_f32;
 
     pool_->run([&](int ith, int nth) {
-        float* scores = att_.data() + static_cast<size_t>(ith) * (n_ctx_ + hd);  // (n_ctx)
-        float* vrow = scores + n_ctx_;                                           // (head_dim)
+        float* scores = att_.data() + static_cast<size_t>(ith) * (static_cast<size_t>(group) * n_ctx_ + hd);
+        float* vrow = scores + static_cast<size_t>(group) * n_ctx_;  // (head_dim)
         // Items interleave over the threads: with a causal mask later tokens cost more, so contiguous
         // ranges would leave the last thread with most of the work.
         for (int64_t item = ith; item < n_items; item += nth) {
-            const int i = static_cast<int>(item / c.n_head), h = static_cast<int>(item % c.n_head);
+            const int i = static_cast<int>(item / c.n_head_kv), g = static_cast<int>(item % c.n_head_kv);
             const int n_kv = pos0 + i + 1;  // causal: this token sees positions 0 .. pos0+i
-            const size_t off = static_cast<size_t>(h / group) * hd * kv_elem_bytes_;
-            const float* q = q_.data() + i * q_dim + static_cast<int64_t>(h) * hd;
+            const size_t off = static_cast<size_t>(g) * hd * kv_elem_bytes_;
+            const float* q = q_.data() + i * q_dim + static_cast<int64_t>(g) * group * hd;  // (group, hd)
 
-            float max_score = -INFINITY;
-            if (f16) {
-                for (int t = 0; t < n_kv; t += cpu::kTileRows) {
-                    const int rows = std::min(cpu::kTileRows, n_kv - t);
-                    kr.dot_f16(hd, kc + t * row_bytes + off, row_bytes, rows, q, 0, 1, scores + t, 0);
+            // scores[c * n_ctx + t] = q_c . k_t
+            for (int t = 0; t < n_kv; t += cpu::kTileRows) {
+                const int rows = std::min(cpu::kTileRows, n_kv - t);
+                for (int c0 = 0; c0 < group; c0 += cpu::kTileCols) {
+                    const int cols = std::min(cpu::kTileCols, group - c0);
+                    score_tile(hd, kc + t * row_bytes + off, row_bytes, rows, q + static_cast<int64_t>(c0) * hd,
+                               static_cast<size_t>(hd) * sizeof(float), cols,
+                               scores + static_cast<size_t>(c0) * n_ctx_ + t, static_cast<size_t>(n_ctx_));
                 }
-            } else {
+            }
+            float inv_sum[64];  // group <= 64 (checked at load)
+            for (int cg = 0; cg < group; ++cg) {
+                float* sc = scores + static_cast<size_t>(cg) * n_ctx_;
+                float max_score = -INFINITY;
                 for (int t = 0; t < n_kv; ++t) {
-                    scores[t] = kr.dot_f32_f32(q, reinterpret_cast<const float*>(kc + t * row_bytes + off), hd);
+                    sc[t] *= scale;
+                    max_score = std::max(max_score, sc[t]);
                 }
-            }
-            for (int t = 0; t < n_kv; ++t) {
-                scores[t] *= scale;
-                max_score = std::max(max_score, scores[t]);
-            }
-            float sum = 0.0f;
-            if (kr.exp_sub_sum) {
-                sum = kr.exp_sub_sum(scores, n_kv, max_score);
-            } else {
-                for (int t = 0; t < n_kv; ++t) {
-                    scores[t] = std::exp(scores[t] - max_score);
-                    sum += scores[t];
+                float sum = 0.0f;
+                if (kr.exp_sub_sum) {
+                    sum = kr.exp_sub_sum(sc, n_kv, max_score);
+                } else {
+                    for (int t = 0; t < n_kv; ++t) {
+                        sc[t] = std::exp(sc[t] - max_score);
+                        sum += sc[t];
+                    }
                 }
+                inv_sum[cg] = 1.0f / sum;
+                float* out = att_out_.data() + i * q_dim + static_cast<int64_t>(g * group + cg) * hd;
+                std::fill(out, out + hd, 0.0f);
             }
-            const float inv_sum = 1.0f / sum;
-
-            float* out = att_out_.data() + i * q_dim + static_cast<int64_t>(h) * hd;
-            std::fill(out, out + hd, 0.0f);
+            float* out0 = att_out_.data() + i * q_dim + static_cast<int64_t>(g) * group * hd;
             for (int t = 0; t < n_kv; ++t) {
                 const uint8_t* vsrc = vc + t * row_bytes + off;
                 const float* v = reinterpret_cast<const float*>(vsrc);
-                if (f16) {
-                    if (kr.axpy_f16) {  // the cache rows are 2-byte aligned (owned, even offsets)
-                        kr.axpy_f16(out, scores[t] * inv_sum, reinterpret_cast<const uint16_t*>(vsrc), hd);
-                        continue;
-                    }
+                if (f16 && !kr.axpy_f16) {
                     dequantize_row(QType::F16, vsrc, vrow, hd);
                     v = vrow;
                 }
-                kr.axpy_f32(out, scores[t] * inv_sum, v, hd);
+                for (int cg = 0; cg < group; ++cg) {
+                    const float p = scores[static_cast<size_t>(cg) * n_ctx_ + t] * inv_sum[cg];
+                    float* out = out0 + static_cast<int64_t>(cg) * hd;
+                    if (f16 && kr.axpy_f16) {  // the cache rows are 2-byte aligned (owned, even offsets)
+                        kr.axpy_f16(out, p, reinterpret_cast<const uint16_t*>(vsrc), hd);
+                    } else {
+                        kr.axpy_f32(out, p, v, hd);
+                    }
+                }
             }
         }
     });
