@@ -282,6 +282,60 @@ void check_matmul(const cpu::Kernels& kt, QType t, lowbit::ThreadPool& pool1, lo
     }
 }
 
+// Load-time panels (kernels.h): repack, multiply with the ISA's panel kernel, compare with the oracle and
+// with the same ISA's row kernels; 1 and 2 threads bit-identical. Returns the number of shapes run.
+int check_panels(const cpu::Kernels& kt, QType t, lowbit::ThreadPool& pool1, lowbit::ThreadPool& pool2) {
+    int ran = 0;
+    const std::vector<int> ks = t == QType::NF4 ? std::vector<int>{64, 128, 4160} : std::vector<int>{32, 96, 4128};
+    for (int k : ks) {
+        for (int n_out : {16, 48}) {
+            const Weights w = make_weights(t, n_out, k);
+            std::vector<uint8_t> panels(cpu::panels_bytes(t, n_out, k));
+            cpu::repack_panels(t, w.bytes.data(), w.row_bytes, n_out, k, panels.data(), 0, n_out / cpu::kPanelRows);
+            for (int n_tok : {1, 3, 9, 33}) {
+                std::vector<float> x(static_cast<size_t>(n_tok) * k);
+                for (auto& v : x) v = randn() * (randu(97) == 0 ? 20.0f : 1.0f);
+                cpu::set_isa(kt.isa);
+                std::vector<float> y1(static_cast<size_t>(n_tok) * n_out), y2(y1.size());
+                std::vector<uint8_t> scratch(cpu::act_scratch_bytes(t, k, n_tok) + 1);
+                if (!cpu::matmul_panels(t, panels.data(), n_out, k, x.data(), n_tok, y1.data(), scratch.data(), pool1)) {
+                    return ran;  // this ISA has no panel kernel for t
+                }
+                cpu::matmul_panels(t, panels.data(), n_out, k, x.data(), n_tok, y2.data(), scratch.data(), pool2);
+                const auto yr = run_matmul(t, w, n_out, k, x, n_tok, pool1);
+                ++ran;
+                ++g_checks;
+                const std::string where = std::string(kt.name) + " panels " + type_name(t) + " k=" + std::to_string(k) +
+                                          " n_out=" + std::to_string(n_out) + " n_tok=" + std::to_string(n_tok);
+                if (std::memcmp(y1.data(), y2.data(), y1.size() * 4) != 0) fail(where + ": 1 vs 2 threads differ");
+                for (int c = 0; c < n_tok; ++c) {
+                    std::vector<float> d, s;
+                    std::vector<int8_t> q;
+                    oracle_quantize(&x[static_cast<size_t>(c) * k], k, d, q, s);
+                    for (int r = 0; r < n_out; ++r) {
+                        double ref = 0.0, mag = 0.0;
+                        for (int j = 0; j < k; ++j) {
+                            const double term = w.value[static_cast<size_t>(r) * k + j] * static_cast<double>(q[j]) * d[j / 32];
+                            ref += term;
+                            mag += std::fabs(term);
+                        }
+                        const double tol = 1e-5 * mag + 1e-30;
+                        const double got = y1[static_cast<size_t>(c) * n_out + r];
+                        if (!(std::fabs(got - ref) <= tol)) {
+                            fail(where + " r=" + std::to_string(r) + " c=" + std::to_string(c) + ": got " +
+                                 std::to_string(got) + " want " + std::to_string(ref));
+                        }
+                        if (!(std::fabs(got - yr[static_cast<size_t>(c) * n_out + r]) <= 2 * tol)) {
+                            fail(where + ": differs from the row kernels");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    return ran;
+}
+
 void check_layer_ops(const cpu::Kernels& kt) {
     for (int n : {1, 7, 32, 100, 2048, 5632}) {
         std::vector<float> x(n), g(n), gate(n), out(n);
@@ -343,6 +397,11 @@ int main() {
         for (QType t : {QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::NF4, QType::F16, QType::BF16, QType::F32}) {
             check_matmul(*kt, t, pool1, pool2);
         }
+        std::string with_panels;
+        for (QType t : {QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::NF4}) {
+            if (check_panels(*kt, t, pool1, pool2) > 0) with_panels += std::string(" ") + type_name(t);
+        }
+        std::printf("  panel kernels:%s\n", with_panels.empty() ? " none" : with_panels.c_str());
         check_layer_ops(*kt);
     }
     cpu::reset_isa();

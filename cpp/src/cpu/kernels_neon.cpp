@@ -262,6 +262,92 @@ void axpy_f32_neon(float* y, float a, const float* x, int64_t n) {
     for (; i < n; ++i) y[i] += a * x[i];
 }
 
+// ---- load-time panels (kernels.h, repack_panels), with sdot ------------------------------------------
+// A 64-byte panel vector is four q-registers of 4 rows each. vdotq_laneq_s32 multiplies a register of 4 rows'
+// dwords with one activation dword (a lane of the 32-byte activation block), so 32 sdot cover 16 rows x 32
+// elements. sdot is signed x signed: Q8_0's stored w + 128 is flipped back and NF4 codes map to kNF4Int8
+// directly, so only Q4_0 (-8 offset) and Q4_1 (minimum) need the activation-sum term.
+#if defined(__ARM_FEATURE_DOTPROD)
+enum PanelType { kPQ4_0, kPQ4_1, kPQ8_0, kPNF4 };
+
+template <int kLane>
+inline void sdot4(int32x4_t* acc, const int8x16_t* w, int8x16_t x) {
+    for (int q = 0; q < 4; ++q) acc[q] = vdotq_laneq_s32(acc[q], w[q], x, kLane);
+}
+
+template <int T>
+void panel_neon(int64_t k, const void* panels, int64_t n_panels, const void* x, size_t xs, int64_t n_tok, float* y,
+                size_t ys) {
+    constexpr int kSub = T == kPNF4 ? 2 : 1;
+    constexpr int kScaleBytes = (T == kPQ4_1 || T == kPNF4) ? 64 : 32;
+    constexpr int kSubBytes = T == kPQ8_0 ? 512 : 256;
+    constexpr int64_t kBlockBytes = kScaleBytes + kSub * kSubBytes;
+    constexpr bool kTerm = T == kPQ4_0 || T == kPQ4_1;
+    const int64_t n_sb = k / (32 * kSub);
+    const uint8x16_t m4 = vdupq_n_u8(0x0f);
+    const int8x16_t lut = vld1q_s8(lowbit::cpu::detail::kNF4Int8);
+    for (int64_t p = 0; p < n_panels; ++p) {
+        const uint8_t* panel = static_cast<const uint8_t*>(panels) + p * n_sb * kBlockBytes;
+        for (int64_t c = 0; c < n_tok; ++c) {
+            const auto* xb = reinterpret_cast<const block_q8_act*>(static_cast<const uint8_t*>(x) + c * xs);
+            float32x4_t acc[4], acc2[4];
+            for (int q = 0; q < 4; ++q) acc[q] = acc2[q] = vdupq_n_f32(0.0f);
+            for (int64_t sb = 0; sb < n_sb; ++sb) {
+                const uint8_t* pb = panel + sb * kBlockBytes;
+                float32x4_t dw[4], cw[4];
+                for (int q = 0; q < 4; ++q) {
+                    if (T == kPNF4) {
+                        dw[q] = vld1q_f32(reinterpret_cast<const float*>(pb) + 4 * q);
+                    } else {
+                        dw[q] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(reinterpret_cast<const uint16_t*>(pb) + 4 * q)));
+                    }
+                    cw[q] = T == kPQ4_1 ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(reinterpret_cast<const uint16_t*>(pb + 32) + 4 * q)))
+                                        : dw[q];
+                }
+                for (int g = 0; g < kSub; ++g) {
+                    const block_q8_act& a = xb[sb * kSub + g];
+                    const int8x16_t x0 = vld1q_s8(a.qs), x1 = vld1q_s8(a.qs + 16);
+                    const uint8_t* pv = pb + kScaleBytes + g * kSubBytes;
+                    int32x4_t is[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
+                    if (T == kPQ8_0) {
+                        int8x16_t w[8][4];
+                        for (int j = 0; j < 8; ++j) {
+                            for (int q = 0; q < 4; ++q) {
+                                w[j][q] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(pv + 64 * j + 16 * q), vdupq_n_u8(0x80)));
+                            }
+                        }
+                        sdot4<0>(is, w[0], x0); sdot4<1>(is, w[1], x0); sdot4<2>(is, w[2], x0); sdot4<3>(is, w[3], x0);
+                        sdot4<0>(is, w[4], x1); sdot4<1>(is, w[5], x1); sdot4<2>(is, w[6], x1); sdot4<3>(is, w[7], x1);
+                    } else {
+                        int8x16_t lo[4][4], hi[4][4];
+                        for (int j = 0; j < 4; ++j) {
+                            for (int q = 0; q < 4; ++q) {
+                                const uint8x16_t v = vld1q_u8(pv + 64 * j + 16 * q);
+                                const uint8x16_t l = vandq_u8(v, m4), h = vshrq_n_u8(v, 4);
+                                lo[j][q] = T == kPNF4 ? vqtbl1q_s8(lut, l) : vreinterpretq_s8_u8(l);
+                                hi[j][q] = T == kPNF4 ? vqtbl1q_s8(lut, h) : vreinterpretq_s8_u8(h);
+                            }
+                        }
+                        // low nibbles: elements 4j.. (x0 lane j); high nibbles: 16 + 4j.. (x1 lane j)
+                        sdot4<0>(is, lo[0], x0); sdot4<1>(is, lo[1], x0); sdot4<2>(is, lo[2], x0); sdot4<3>(is, lo[3], x0);
+                        sdot4<0>(is, hi[0], x1); sdot4<1>(is, hi[1], x1); sdot4<2>(is, hi[2], x1); sdot4<3>(is, hi[3], x1);
+                    }
+                    for (int q = 0; q < 4; ++q) {
+                        acc[q] = vfmaq_f32(acc[q], vcvtq_f32_s32(is[q]), vmulq_n_f32(dw[q], a.d));
+                        if (kTerm) acc2[q] = vfmaq_n_f32(acc2[q], cw[q], a.s);
+                    }
+                }
+            }
+            float* out = y + c * ys + p * kPanelRows;
+            for (int q = 0; q < 4; ++q) {
+                const float32x4_t r = kTerm ? vfmaq_n_f32(acc[q], acc2[q], T == kPQ4_0 ? -8.0f : 1.0f) : acc[q];
+                vst1q_f32(out + 4 * q, r);
+            }
+        }
+    }
+}
+#endif
+
 template <bool kDot>
 constexpr Kernels make_table() {
     return Kernels{
@@ -279,6 +365,16 @@ constexpr Kernels make_table() {
         silu_mul_neon,
         dot_f32_f32_neon,
         axpy_f32_neon,
+        nullptr,  // per-call prompt GEMM
+        nullptr,
+        nullptr,
+        nullptr,
+#if defined(__ARM_FEATURE_DOTPROD)
+        kDot ? panel_neon<kPQ4_0> : nullptr,
+        kDot ? panel_neon<kPQ4_1> : nullptr,
+        kDot ? panel_neon<kPQ8_0> : nullptr,
+        kDot ? panel_neon<kPNF4> : nullptr,
+#endif
     };
 }
 
