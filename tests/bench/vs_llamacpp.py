@@ -9,8 +9,9 @@ lowbit / llama.cpp, plus a memory-read bandwidth probe and the bandwidth each de
 Needs `pip install llama-cpp-python` (builds llama.cpp from source: several minutes; cache the wheel).
 Models: SmolLM2-135M-Instruct requantized by lowbit from llama.cpp's Q4_1 file to F16, Q8_0, Q4_0, NF4, and a
 random model with TinyLlama-1.1B shapes (hidden 2048, ffn 5632, 22 layers, 32 heads, 4 KV heads) written by
-lowbit in Q4_0 and Q8_0 (SmolLM2's tokenizer, so llama.cpp accepts it). NF4 has no llama.cpp counterpart: it
-is compared with lowbit's own Q4_0 on the same model.
+lowbit in Q4_0, Q8_0 and NF4 (SmolLM2's tokenizer, so llama.cpp accepts it). NF4 has no llama.cpp counterpart: it
+is compared with lowbit's own Q4_0 on the same model and with transformers + bitsandbytes' NF4 on the CPU
+(SmolLM2). lowbit runs with an fp16 KV cache, as llama.cpp does by default.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ out = {"pp128": [], "pp512": [], "tg": []}
 t0 = time.perf_counter()
 if engine == "lowbit":
     import lowbit
-    m = lowbit.load(path, n_ctx=1024, n_threads=threads, n_batch=512)
+    # An fp16 KV cache, as llama.cpp's default, so both engines do the same attention work.
+    m = lowbit.load(path, n_ctx=1024, n_threads=threads, n_batch=512, kv_f16=True)
     n_vocab = m.n_vocab
     def prompt(toks):
         m.reset(); m.generate_tokens(toks, max_new_tokens=0, add_bos=False)
@@ -129,7 +131,7 @@ def run_child(engine: str, path: Path, threads: int, reps: int, n_gen: int) -> d
 def warm_load(engine: str, path: Path, threads: int) -> float:
     """Second-load time (page cache warm), median of 3 child processes."""
     code = ("import time,sys;t=time.perf_counter();"
-            + ("import lowbit;m=lowbit.load(sys.argv[1],n_ctx=1024,n_threads=%d)" % threads if engine == "lowbit" else
+            + ("import lowbit;m=lowbit.load(sys.argv[1],n_ctx=1024,n_threads=%d,kv_f16=True)" % threads if engine == "lowbit" else
                "import llama_cpp;m=llama_cpp.Llama(model_path=sys.argv[1],n_ctx=1024,n_threads=%d,verbose=False)"
                % threads)
             + ";print('LOAD',time.perf_counter()-t)")
@@ -171,7 +173,7 @@ def tiny11b_files(cache: Path) -> dict[str, Path]:
     n_embd, n_ff, n_layer, n_head, n_head_kv = 2048, 5632, 22, 32, 4
     head_dim = n_embd // n_head
     files = {}
-    for qt in ("q4_0", "q8_0"):
+    for qt in ("q4_0", "q8_0", "nf4"):
         out = cache / f"bench-tiny11b-{qt}.gguf"
         files[qt] = out
         if out.exists():
@@ -194,7 +196,8 @@ def tiny11b_files(cache: Path) -> dict[str, Path]:
         with lowbit.GGUFWriter(out) as w:
             md = {
                 "general.architecture": "llama", "general.name": "random-tinyllama-1.1b-shape",
-                "general.file_type": 2 if qt == "q4_0" else 7, "general.quantization_version": 2,
+                "general.file_type": {"q4_0": 2, "q8_0": 7, "nf4": int(lowbit.QType.NF4)}[qt],
+                "general.quantization_version": 2,
                 "llama.context_length": 2048, "llama.embedding_length": n_embd, "llama.block_count": n_layer,
                 "llama.feed_forward_length": n_ff, "llama.rope.dimension_count": head_dim,
                 "llama.attention.head_count": n_head, "llama.attention.head_count_kv": n_head_kv,
@@ -322,13 +325,15 @@ def main() -> int:
         print(f"| {r['model']} | {r['type']} | decode bandwidth | {gbs:.1f} GB/s ({100 * gbs / bw:.0f}% of probe)"
               f"{extra} | | |")
     by = {(r["model"], r["type"]): r for r in results}
-    nf4, q40 = by.get(("SmolLM2-135M", "nf4")), by.get(("SmolLM2-135M", "q4_0"))
+    print()
+    for model in ("SmolLM2-135M", "1.1B-shape"):
+        nf4, q40 = by.get((model, "nf4")), by.get((model, "q4_0"))
+        if nf4 and q40:
+            a, b = med(nf4["lowbit"]["tg"]), med(q40["lowbit"]["tg"])
+            print(f"NF4 decode / lowbit Q4_0 decode ({model}): {a:.1f} / {b:.1f} = {a / b:.2f}")
+    nf4 = by.get(("SmolLM2-135M", "nf4"))
     if nf4:
         a = med(nf4["lowbit"]["tg"])
-        print()
-        if q40:
-            print(f"NF4 decode / lowbit Q4_0 decode (SmolLM2-135M): {a:.1f} / {med(q40['lowbit']['tg']):.1f} = "
-                  f"{a / med(q40['lowbit']['tg']):.2f}")
         if bnb:
             print(f"NF4 decode, lowbit / transformers + bitsandbytes NF4 ({bnb['layer_type']}, CPU): {a:.1f} / "
                   f"{med(bnb['tg']):.1f} = {a / med(bnb['tg']):.2f}  (bitsandbytes peak RSS {bnb['rss_mib']:.0f} MiB)")
