@@ -194,21 +194,22 @@ void Model::repack_cpu_weights() {
     const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
     auto repack = [&](WeightView& w, bool shared_with_embedding) {
         if (!w.data || w.panels || !has_kernel(w.type) || !cpu::panels_supported(w.type, w.n_out, w.n_in)) return;
+        // Only weights read from the file: a converted copy (NF4_DQ expanded, misaligned data) would have to
+        // stay next to its panels (the row kernels are the fallback), doubling its memory.
+        const size_t bytes = w.row_bytes * static_cast<size_t>(w.n_out);
+        if (w.data < map_begin || w.data + bytes > map_end) return;
         owned_.emplace_back(cpu::panels_bytes(w.type, w.n_out, w.n_in));
         uint8_t* dst = owned_.back().data();
         pool_->parallel_for(w.n_out / cpu::kPanelRows, 1, [&](int64_t p0, int64_t p1) {
             cpu::repack_panels(w.type, w.data, w.row_bytes, w.n_out, w.n_in, dst, p0, p1);
         });
         w.panels = dst;
-        const size_t bytes = w.row_bytes * static_cast<size_t>(w.n_out);
-        if (w.data >= map_begin && w.data + bytes <= map_end) {
-            // A tied head shares its rows with the token embedding, which embed() still reads (only the
-            // pages of the rows it gathers come back), so those bytes stay counted as mapped.
-            if (!shared_with_embedding) weights_mapped_ -= bytes;
-            const uintptr_t b = (reinterpret_cast<uintptr_t>(w.data) + page - 1) / page * page;
-            const uintptr_t e = (reinterpret_cast<uintptr_t>(w.data) + bytes) / page * page;
-            if (e > b) ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);  // best effort
-        }
+        // A tied head shares its rows with the token embedding, which embed() still reads (only the pages
+        // of the rows it gathers come back), so those bytes stay counted as mapped.
+        if (!shared_with_embedding) weights_mapped_ -= bytes;
+        const uintptr_t b = (reinterpret_cast<uintptr_t>(w.data) + page - 1) / page * page;
+        const uintptr_t e = (reinterpret_cast<uintptr_t>(w.data) + bytes) / page * page;
+        if (e > b) ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);  // best effort
     };
     for (int l = 0; l < gpu_begin_; ++l) {
         Layer& L = layers_[l];
