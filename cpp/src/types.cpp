@@ -367,7 +367,9 @@ void dequantize(QType t, const void* src, float* dst, int64_t n_elements, int n_
     if (reinterpret_cast<uintptr_t>(src) % kDataAlignment != 0) {
         // A file with general.alignment 1 or 2 can place data at an odd address; the typed loads below
         // need natural alignment, so work on an aligned copy (rare: every real file aligns to 32).
-        const size_t nbytes = static_cast<size_t>(n_elements / tt.block_size) * tt.type_size;
+        uint64_t nbytes = 0;  // NF4_DQ's tensor-level layout is more than blocks x type_size
+        if (!tensor_nbytes(static_cast<uint32_t>(t), static_cast<uint64_t>(n_elements), &nbytes))
+            throw Error("dequantize: byte size of " + std::to_string(n_elements) + " " + tt.name + " elements overflows");
         std::vector<uint32_t> copy((nbytes + 3) / 4);
         std::memcpy(copy.data(), src, nbytes);
         dequantize(t, copy.data(), dst, n_elements, n_threads);

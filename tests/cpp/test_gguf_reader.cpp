@@ -382,7 +382,16 @@ void misaligned_tensor_data() {
     q8.resize(34, 0);
     Bytes nf4{0, 0, 0, 0x40, 0xf0};  // NF4: absmax = 2.0f, byte 0 = code 15 (1.0) high, code 0 (-1.0) low
     nf4.resize(36, 0);
+    // NF4_DQ (tensor-level layout, more bytes than blocks x block size: fuzz finding F2): 256 elements whose
+    // aligned dequantization gives the expected values.
+    std::vector<float> src(256);
+    for (int i = 0; i < 256; ++i) src[i] = std::sin(0.37f * static_cast<float>(i)) * (1.0f + static_cast<float>(i % 7));
+    Bytes dq(lowbit::nf4_dq_nbytes(256));
+    lowbit::quantize(lowbit::QType::NF4_DQ, src.data(), dq.data(), 1, 256, 1);
+    std::vector<float> dq_ref(256);
+    lowbit::dequantize(lowbit::QType::NF4_DQ, dq.data(), dq_ref.data(), 256, 1);
     const Case cases[] = {
+        {"NF4_DQ at an odd address (alignment 1)", 1, 1025, dq, {dq_ref[0], dq_ref[1]}, 256},
         {"F16 at an odd address (alignment 1)", 1, 1, {0x00, 0x3c, 0x00, 0xc0}, {1.0f, -2.0f}},
         {"BF16 at an odd address (alignment 1)", 1, 30, {0x80, 0x3f, 0x40, 0xc0}, {1.0f, -3.0f}},
         {"F32 at address 2 mod 4 (alignment 2)", 2, 0, {0, 0, 0x80, 0x3f, 0, 0, 0, 0x40}, {1.0f, 2.0f}},
