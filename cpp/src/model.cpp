@@ -215,8 +215,14 @@ void Model::repack_cpu_weights() {
         Layer& L = layers_[l];
         for (WeightView* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) repack(*w, false);
     }
-    // The output head when the CPU computes it; tied or not (embed() keeps gathering from token_embd's rows).
-    if (!gpu_output_) repack(output, output.data == token_embd.data);
+    // The output head when the CPU computes it, tied or not. A tied head's panels serve embed() too where
+    // its rows come back exactly (Q4_0, Q4_1, Q8_0); otherwise embed() keeps reading the file's rows.
+    if (!gpu_output_) {
+        const bool tied = output.data == token_embd.data;
+        embed_from_panels_ = tied && cpu::panel_row_exact(output.type);
+        repack(output, tied && !embed_from_panels_);
+        embed_from_panels_ = embed_from_panels_ && output.panels != nullptr;
+    }
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -400,11 +406,9 @@ void Model::load_tensors() {
         if (t.n_elements() != n || t.ne[0] != n) {
             throw Error("tensor '" + t.name + "' has shape " + shape_str(t) + ", expected [" + std::to_string(n) + "]");
         }
+        // Always copied (a few KB each): reading them from the mapping would keep a page-cache folio of the
+        // weights around them resident (up to 2 MB each with large folios) after those weights were repacked.
         QType type = static_cast<QType>(t.type_id);
-        if (type == QType::F32 && reinterpret_cast<uintptr_t>(r.tensor_data(t)) % kDataAlignment == 0) {
-            weights_mapped_ += t.nbytes;
-            return reinterpret_cast<const float*>(r.tensor_data(t));
-        }
         if (type != QType::F32 && type != QType::F16 && type != QType::BF16) {
             throw Error("tensor '" + t.name + "' has type " + type_name(t.type_id) + "; norm weights must be F32, F16 or BF16");
         }
@@ -580,8 +584,16 @@ void Model::eval(const int32_t* tokens, int n, float* logits, bool all_logits) {
 
 // x (n, n_embd) = rows of token_embd.
 void Model::embed(const int32_t* tokens, int n, float* x) {
+    // A tied head repacked into panels also serves the embedding (its rows come back exactly), so the
+    // file's copy of token_embd is never read again and does not take memory twice.
+    const bool from_panels = embed_from_panels_;
+    std::vector<uint8_t> tmp(from_panels ? token_embd.row_bytes : 0);
     for (int i = 0; i < n; ++i) {
         const uint8_t* row = token_embd.data + static_cast<size_t>(tokens[i]) * token_embd.row_bytes;
+        if (from_panels) {
+            cpu::panel_row(output.type, output.panels, output.n_out, output.n_in, tokens[i], tmp.data());
+            row = tmp.data();
+        }
         dequantize_row(token_embd.type, row, x + static_cast<int64_t>(i) * config_.n_embd, config_.n_embd);
     }
 }

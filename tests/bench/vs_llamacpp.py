@@ -73,7 +73,8 @@ for _ in range(reps):
         out[f"pp{n}"].append(n / dt)
     secs, n = decode(rng.integers(0, n_vocab, 8).tolist(), n_gen)
     out["tg"].append(n / secs)
-out["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across exec on Linux).
+out["rss_mib"] = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 print("RESULT " + json.dumps(out))
 """
 
@@ -104,7 +105,8 @@ for _ in range(reps):
     t = time.perf_counter()
     m.generate(ids, max_new_tokens=n_gen, min_new_tokens=n_gen, do_sample=False)
     out["tg"].append(n_gen / (time.perf_counter() - t))
-out["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across exec on Linux).
+out["rss_mib"] = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 print("RESULT " + json.dumps(out))
 """
 

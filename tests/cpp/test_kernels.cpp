@@ -292,6 +292,18 @@ int check_panels(const cpu::Kernels& kt, QType t, lowbit::ThreadPool& pool1, low
             const Weights w = make_weights(t, n_out, k);
             std::vector<uint8_t> panels(cpu::panels_bytes(t, n_out, k));
             cpu::repack_panels(t, w.bytes.data(), w.row_bytes, n_out, k, panels.data(), 0, n_out / cpu::kPanelRows);
+            if (cpu::panel_row_exact(t)) {  // every row comes back byte for byte (embeddings read them)
+                std::vector<uint8_t> row(w.row_bytes);
+                ++g_checks;
+                for (int r = 0; r < n_out; ++r) {
+                    cpu::panel_row(t, panels.data(), n_out, k, r, row.data());
+                    if (std::memcmp(row.data(), w.bytes.data() + r * w.row_bytes, w.row_bytes) != 0) {
+                        fail(std::string("panel_row ") + type_name(t) + " k=" + std::to_string(k) + " row " +
+                             std::to_string(r) + " differs from the original row");
+                        break;
+                    }
+                }
+            }
             for (int n_tok : {1, 3, 9, 33}) {
                 std::vector<float> x(static_cast<size_t>(n_tok) * k);
                 for (auto& v : x) v = randn() * (randu(97) == 0 ? 20.0f : 1.0f);

@@ -107,6 +107,10 @@ size_t panels_bytes(QType t, int64_t n_out, int64_t k);
 // Rows [p0*16, p1*16) of W (rows w_row_bytes apart) -> panels p0..p1-1 of `out` (the whole tensor's buffer).
 void repack_panels(QType t, const void* w, size_t w_row_bytes, int64_t n_out, int64_t k, void* out, int64_t p0,
                    int64_t p1);
+// Row `row` of a panel tensor back in the file's row format (row_size bytes at out). Exact for Q4_0, Q4_1
+// and Q8_0 (panel_row_exact); NF4 panels keep absmax / 127, so they are not turned back.
+bool panel_row_exact(QType t);
+void panel_row(QType t, const void* panels, int64_t n_out, int64_t k, int64_t row, void* out);
 // As matmul(), on panels. Returns false (and does nothing) when the active kernel table has no panel
 // kernel for t; the caller then multiplies the original rows.
 bool matmul_panels(QType t, const void* panels, int64_t n_out, int64_t k, const float* x, int64_t n_tok, float* y,

@@ -132,6 +132,7 @@ private:
     // ---- weights (views into the mapping, or into owned_ for converted tensors) ----
     WeightView token_embd;          // (n_vocab, n_embd)
     const float* output_norm = nullptr;  // (n_embd)
+    bool embed_from_panels_ = false;     // embed() reads token rows from output.panels (tied head)
     WeightView output;              // (n_vocab, n_embd); == token_embd when tied
     std::vector<Layer> layers_;
     std::vector<float> rope_inv_freq_;  // (n_rot / 2) per-pair angular frequency

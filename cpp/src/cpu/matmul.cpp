@@ -262,6 +262,45 @@ void repack_panels(QType t, const void* w, size_t w_row_bytes, int64_t n_out, in
     }
 }
 
+bool panel_row_exact(QType t) { return t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q8_0; }
+
+void panel_row(QType t, const void* panels, int64_t n_out, int64_t k, int64_t row, void* out) {
+    PanelFormat f;
+    if (!panel_row_exact(t) || !panels_supported(t, n_out, k) || !panel_format(t, &f) || row < 0 || row >= n_out) {
+        throw Error("panel_row: unsupported type, shape or row");
+    }
+    const int64_t nb = k / f.block;
+    const int r = static_cast<int>(row % kPanelRows);
+    const uint8_t* src = static_cast<const uint8_t*>(panels) + static_cast<size_t>(row / kPanelRows) * nb * f.block_bytes;
+    for (int64_t b = 0; b < nb; ++b, src += f.block_bytes) {
+        switch (t) {
+            case QType::Q4_0: {
+                auto& o = static_cast<block_q4_0*>(out)[b];
+                std::memcpy(&o.d, src + 2 * r, 2);
+                for (int j = 0; j < 4; ++j) std::memcpy(o.qs + 4 * j, src + 32 + 64 * j + 4 * r, 4);
+                break;
+            }
+            case QType::Q4_1: {
+                auto& o = static_cast<block_q4_1*>(out)[b];
+                std::memcpy(&o.d, src + 2 * r, 2);
+                std::memcpy(&o.m, src + 32 + 2 * r, 2);
+                for (int j = 0; j < 4; ++j) std::memcpy(o.qs + 4 * j, src + 64 + 64 * j + 4 * r, 4);
+                break;
+            }
+            default: {  // Q8_0
+                auto& o = static_cast<block_q8_0*>(out)[b];
+                std::memcpy(&o.d, src + 2 * r, 2);
+                for (int j = 0; j < 8; ++j) {
+                    uint32_t v;
+                    std::memcpy(&v, src + 32 + 64 * j + 4 * r, 4);
+                    v ^= 0x80808080u;
+                    std::memcpy(o.qs + 4 * j, &v, 4);
+                }
+            }
+        }
+    }
+}
+
 namespace {
 
 PanelFn panel_fn(const Kernels& kt, QType t) {
