@@ -22,13 +22,16 @@ import lowbit
 from model_helpers import N_THREADS, tiny_gguf, tiny_hf
 
 ROOT = Path(__file__).resolve().parent.parent
+# Children import the lowbit this process imported (the installed package, or the source tree with
+# LOWBIT_CORE_DIR in development), never the bare source tree, which has no compiled core.
+LOWBIT_PARENT = str(Path(lowbit.__file__).resolve().parent.parent)
 PROMPT = "Once upon a time"
 
 
 def run_child(code: str, timeout: float = 120) -> dict:
     """Runs code in a fresh interpreter (same lowbit, tests/ importable); it prints one JSON line last."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([LOWBIT_PARENT, str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
     assert proc.returncode >= 0, (f"child killed by signal {-proc.returncode} "
@@ -125,8 +128,9 @@ def test_file_replaced_during_a_stream_keeps_the_old_weights(tmp_path):
     assert r["err"] and "replaced or truncated on disk" in r["err"], r
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (RELIABILITY.md): a truncation that lands while an eval is "
-                   "reading the mapping faults (SIGBUS); the model checks the file only between calls")
+@pytest.mark.xfail(strict=False, reason="known gap (RELIABILITY.md): a truncation that lands while an eval is "
+                   "reading the mapping faults (SIGBUS); the model checks the file only between calls. Not strict: "
+                   "when the truncation happens to land between two evals the child survives")
 def test_file_truncated_while_an_eval_runs(tmp_path):
     r = run_child(f"""
         import json, shutil, threading, time
@@ -187,7 +191,7 @@ def test_ctrl_c_during_convert_leaves_nothing(tmp_path, existing):
     if existing:
         out.write_bytes(old)
     before = set(os.listdir(out.parent))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([LOWBIT_PARENT, os.environ.get("PYTHONPATH", "")]))
     args = [str(tiny_hf()), "--outtype", "q4_0", "-o", str(out)] + (["--force"] if existing else [])
     child = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
@@ -360,14 +364,28 @@ def test_interrupted_stream_still_held_is_a_clear_error_until_closed(model, gree
 
 def test_ctrl_c_during_generate(model, greedy):
     """A real KeyboardInterrupt delivered to the main thread in the middle of a long generation."""
-    timer = threading.Timer(0.05, _thread.interrupt_main)
-    timer.start()
+    stop = threading.Event()
+
+    def ctrl_c() -> None:  # Ctrl-C every 50 ms until the main thread has seen one (robust to scheduling)
+        while not stop.wait(0.05):
+            _thread.interrupt_main()
+
+    presser = threading.Thread(target=ctrl_c, daemon=True)
+    presser.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            for _ in range(200):
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
                 model.generate(PROMPT, max_new_tokens=100, temperature=0.8, seed=1)
     finally:
-        timer.cancel()
+        stop.set()
+        while True:  # a second press may have raced with the first: absorb it here, not in the asserts below
+            try:
+                presser.join()
+                time.sleep(0.01)
+                break
+            except KeyboardInterrupt:
+                continue
     assert model.n_past == len(model.cached_tokens)
     assert model.generate(PROMPT, max_new_tokens=16, temperature=0) == greedy[PROMPT]
 
