@@ -164,7 +164,9 @@ def test_file_truncated_while_an_eval_runs(tmp_path):
 # Runs convert.py as __main__ with its tensor encoder slowed down at the third tensor, announcing "WRITING"
 # on stdout, so the parent can interrupt it while the output is half written.
 SLOW_CONVERT = """
-import runpy, sys, time
+import runpy, signal, sys, time
+# As in a terminal: a runner started in the background (nohup, '&') hands SIGINT down ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import lowbit.converter.core as core
 real, calls = core.encode, [0]
 def slow(x, qtype):
@@ -370,6 +372,8 @@ def test_ctrl_c_during_generate(model, greedy):
         while not stop.wait(0.05):
             _thread.interrupt_main()
 
+    # interrupt_main() does nothing while SIGINT is ignored, as it is under a runner started in the background.
+    old_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     presser = threading.Thread(target=ctrl_c, daemon=True)
     presser.start()
     try:
@@ -386,6 +390,7 @@ def test_ctrl_c_during_generate(model, greedy):
                 break
             except KeyboardInterrupt:
                 continue
+        signal.signal(signal.SIGINT, old_handler)
     assert model.n_past == len(model.cached_tokens)
     assert model.generate(PROMPT, max_new_tokens=16, temperature=0) == greedy[PROMPT]
 
