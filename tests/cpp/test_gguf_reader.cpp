@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../fuzz/gguf_walk.h"
+#include "test_util.h"
 #include "lowbit/gguf.h"
 #include "lowbit/types.h"
 
@@ -521,15 +522,8 @@ void quant_round_trip() {
 }  // namespace
 
 int main() {
-    const char* tmpdir = std::getenv("TMPDIR");
-    std::string t = std::string(tmpdir && *tmpdir ? tmpdir : "/tmp") + "/lowbit-test-gguf-XXXXXX";
-    std::vector<char> buf(t.begin(), t.end());
-    buf.push_back('\0');
-    if (!mkdtemp(buf.data())) {
-        std::perror("mkdtemp");
-        return 2;
-    }
-    g_dir = buf.data();
+    g_dir = make_temp_dir("lowbit-test-gguf");
+    if (g_dir.empty()) return 2;
 
     const int n_corruptions = std::getenv("LOWBIT_TEST_CORRUPTIONS") ? std::atoi(std::getenv("LOWBIT_TEST_CORRUPTIONS")) : 500;
     std::printf("test_gguf_reader\n");

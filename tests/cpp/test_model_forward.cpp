@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "test_util.h"
 #include "lowbit/gguf.h"
 #include "lowbit/model.h"
 #include "lowbit/types.h"
@@ -245,15 +246,8 @@ void reference_check(const std::string& model_path, const std::string& ref_path)
 }  // namespace
 
 int main() {
-    const char* tmpdir = std::getenv("TMPDIR");
-    std::string t = std::string(tmpdir && *tmpdir ? tmpdir : "/tmp") + "/lowbit-test-model-XXXXXX";
-    std::vector<char> buf(t.begin(), t.end());
-    buf.push_back('\0');
-    if (!mkdtemp(buf.data())) {
-        std::perror("mkdtemp");
-        return 2;
-    }
-    const std::string dir = buf.data();
+    const std::string dir = make_temp_dir("lowbit-test-model");
+    if (dir.empty()) return 2;
     std::printf("test_model_forward\n");
     try {
         self_checks(dir);

@@ -262,6 +262,21 @@ inline __m512i bcast_dword(const int8_t* p) {
     return _mm512_set1_epi32(v);
 }
 
+// Integer dots of one 32-element activation block with 16 rows: u[j] holds the rows' weight bytes for
+// activation dword j (elements 4j..4j+3). Two chains so the eight dependent vpdpbusd do not serialise on
+// their latency.
+inline __m512i block_dot16(const __m512i u[8], const int8_t* qs) {
+    __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], bcast_dword(qs + 0));
+    __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[1], bcast_dword(qs + 4));
+    s0 = _mm512_dpbusd_epi32(s0, u[2], bcast_dword(qs + 8));
+    s1 = _mm512_dpbusd_epi32(s1, u[3], bcast_dword(qs + 12));
+    s0 = _mm512_dpbusd_epi32(s0, u[4], bcast_dword(qs + 16));
+    s1 = _mm512_dpbusd_epi32(s1, u[5], bcast_dword(qs + 20));
+    s0 = _mm512_dpbusd_epi32(s0, u[6], bcast_dword(qs + 24));
+    s1 = _mm512_dpbusd_epi32(s1, u[7], bcast_dword(qs + 28));
+    return _mm512_add_epi32(s0, s1);
+}
+
 template <int NC>
 void panel_columns(const PanelBlock* pk, int64_t nx, const uint8_t* x, size_t xs, float* y, size_t ys,
                    __mmask16 mask) {
@@ -277,16 +292,7 @@ void panel_columns(const PanelBlock* pk, int64_t nx, const uint8_t* x, size_t xs
         const __m512 coef = _mm512_load_ps(p.coef);
         for (int c = 0; c < NC; ++c) {
             const block_q8_act& xb = xc[c][a];
-            // Two chains so the eight dependent vpdpbusd do not serialise on their latency.
-            __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], bcast_dword(xb.qs + 0));
-            __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[1], bcast_dword(xb.qs + 4));
-            s0 = _mm512_dpbusd_epi32(s0, u[2], bcast_dword(xb.qs + 8));
-            s1 = _mm512_dpbusd_epi32(s1, u[3], bcast_dword(xb.qs + 12));
-            s0 = _mm512_dpbusd_epi32(s0, u[4], bcast_dword(xb.qs + 16));
-            s1 = _mm512_dpbusd_epi32(s1, u[5], bcast_dword(xb.qs + 20));
-            s0 = _mm512_dpbusd_epi32(s0, u[6], bcast_dword(xb.qs + 24));
-            s1 = _mm512_dpbusd_epi32(s1, u[7], bcast_dword(xb.qs + 28));
-            const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+            const __m512 isum = _mm512_cvtepi32_ps(block_dot16(u, xb.qs));
             acc[c] = _mm512_fmadd_ps(isum, _mm512_mul_ps(dw, _mm512_set1_ps(xb.d)), acc[c]);
             acc2[c] = _mm512_fmadd_ps(coef, _mm512_set1_ps(xb.s), acc2[c]);
         }
@@ -362,16 +368,7 @@ void panel_columns_fmt(const uint8_t* panel, int64_t n_sb, const uint8_t* x, siz
             P::unpack(pb + P::kScaleBytes + g * P::kSubBytes, u);
             for (int c = 0; c < NC; ++c) {
                 const block_q8_act& xb = xc[c][sb * P::kSub + g];
-                // Two chains so the eight dependent vpdpbusd do not serialise on their latency.
-                __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[0], bcast_dword(xb.qs + 0));
-                __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[1], bcast_dword(xb.qs + 4));
-                s0 = _mm512_dpbusd_epi32(s0, u[2], bcast_dword(xb.qs + 8));
-                s1 = _mm512_dpbusd_epi32(s1, u[3], bcast_dword(xb.qs + 12));
-                s0 = _mm512_dpbusd_epi32(s0, u[4], bcast_dword(xb.qs + 16));
-                s1 = _mm512_dpbusd_epi32(s1, u[5], bcast_dword(xb.qs + 20));
-                s0 = _mm512_dpbusd_epi32(s0, u[6], bcast_dword(xb.qs + 24));
-                s1 = _mm512_dpbusd_epi32(s1, u[7], bcast_dword(xb.qs + 28));
-                const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                const __m512 isum = _mm512_cvtepi32_ps(block_dot16(u, xb.qs));
                 acc[c] = _mm512_fmadd_ps(isum, _mm512_mul_ps(dw, _mm512_set1_ps(xb.d)), acc[c]);
                 acc2[c] = _mm512_fmadd_ps(cw, _mm512_set1_ps(xb.s), acc2[c]);
             }

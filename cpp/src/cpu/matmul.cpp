@@ -66,6 +66,33 @@ int64_t rows_per_chunk(int64_t n_out, int64_t n_tok, size_t w_row_bytes) {
     return std::max<int64_t>(kTileRows, rows);
 }
 
+// x (n_tok, k) floats -> (n_tok, k / 32) activation blocks in scratch, rows split over the pool.
+block_q8_act* quantize_activations(const Kernels& kt, const float* x, int64_t n_tok, int64_t k, void* scratch,
+                                   ThreadPool& pool) {
+    if (scratch == nullptr) throw Error("matmul: quantized weights need act_scratch_bytes() of scratch");
+    block_q8_act* act = static_cast<block_q8_act*>(scratch);
+    const int64_t nb = k / 32;
+    const int64_t grain = std::max<int64_t>(1, 16384 / k);  // ~16K elements per work item
+    pool.parallel_for(n_tok, grain, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) kt.quantize_act(x + t * k, act + t * nb, k);
+    });
+    return act;
+}
+
+// item(i) for i in [0, n_items), handed out one at a time to whichever thread is free (items differ in cost).
+template <class Fn>
+void run_items(ThreadPool& pool, int64_t n_items, Fn item) {
+    std::atomic<int64_t> next{0};
+    auto work = [&](int, int) {
+        for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n_items;) item(i);
+    };
+    if (n_items == 1 || pool.size() == 1) {
+        work(0, 1);
+    } else {
+        pool.run(work);
+    }
+}
+
 }  // namespace
 
 bool matmul_supported(QType t) { return tile_fn(*generic_kernels(), t) != nullptr; }
@@ -96,38 +123,19 @@ void matmul(QType wt, const void* w, size_t w_row_bytes, int64_t n_out, int64_t 
     const void* xs = x;
     size_t x_stride = static_cast<size_t>(k) * sizeof(float);
     if (is_block_quantized(wt)) {
-        if (scratch == nullptr) throw Error("matmul: quantized weights need act_scratch_bytes() of scratch");
-        // (n_tok, k / 32) activation blocks.
-        block_q8_act* act = static_cast<block_q8_act*>(scratch);
-        const int64_t nb = k / 32;
-        const int64_t grain = std::max<int64_t>(1, 16384 / k);  // ~16K elements per work item
-        pool.parallel_for(n_tok, grain, [&](int64_t t0, int64_t t1) {
-            for (int64_t t = t0; t < t1; ++t) kt.quantize_act(x + t * k, act + t * nb, k);
-        });
-        xs = act;
-        x_stride = static_cast<size_t>(nb) * sizeof(block_q8_act);
+        xs = quantize_activations(kt, x, n_tok, k, scratch, pool);
+        x_stride = static_cast<size_t>(k / 32) * sizeof(block_q8_act);
     }
 
     const GemmPanelFn gemm = n_tok >= kGemmMinTokens ? gemm_fn(kt, wt) : nullptr;
     if (gemm) {
         // One work item per panel of kPanelRows rows; each repacks its panel once for all tokens.
-        const int64_t n_panels = (n_out + kPanelRows - 1) / kPanelRows;
-        std::atomic<int64_t> next_panel{0};
-        auto panels = [&](int, int) {
-            for (;;) {
-                const int64_t pi = next_panel.fetch_add(1, std::memory_order_relaxed);
-                if (pi >= n_panels) return;
-                const int64_t r0 = pi * kPanelRows;
-                const int nr = static_cast<int>(std::min<int64_t>(kPanelRows, n_out - r0));
-                gemm(k, static_cast<const uint8_t*>(w) + r0 * w_row_bytes, w_row_bytes, nr, xs, x_stride, n_tok,
-                     y + r0, static_cast<size_t>(n_out));
-            }
-        };
-        if (n_panels == 1 || pool.size() == 1) {
-            panels(0, 1);
-        } else {
-            pool.run(panels);
-        }
+        run_items(pool, (n_out + kPanelRows - 1) / kPanelRows, [&](int64_t pi) {
+            const int64_t r0 = pi * kPanelRows;
+            const int nr = static_cast<int>(std::min<int64_t>(kPanelRows, n_out - r0));
+            gemm(k, static_cast<const uint8_t*>(w) + r0 * w_row_bytes, w_row_bytes, nr, xs, x_stride, n_tok, y + r0,
+                 static_cast<size_t>(n_out));
+        });
         return;
     }
 
@@ -135,31 +143,20 @@ void matmul(QType wt, const void* w, size_t w_row_bytes, int64_t n_out, int64_t 
     // Decode: one row at a time, so each thread reads its chunk as one sequential stream the hardware
     // prefetcher follows (4-row tiles read four short streams: Q8_0 matvec 13 -> 23 GB/s on one core).
     const int64_t tile_rows = n_tok == 1 ? 1 : kTileRows;
-    const int64_t n_chunks = (n_out + chunk - 1) / chunk;
-    std::atomic<int64_t> next{0};
-    auto work = [&](int, int) {
-        for (;;) {
-            const int64_t ci = next.fetch_add(1, std::memory_order_relaxed);
-            if (ci >= n_chunks) return;
-            const int64_t r0 = ci * chunk;
-            const int64_t r1 = std::min(n_out, r0 + chunk);
-            // Token tiles outside, row tiles inside: the chunk's weights stay in cache across token tiles.
-            for (int64_t c0 = 0; c0 < n_tok; c0 += kTileCols) {
-                const int nc = static_cast<int>(std::min<int64_t>(kTileCols, n_tok - c0));
-                for (int64_t r = r0; r < r1; r += tile_rows) {
-                    const int nr = static_cast<int>(std::min<int64_t>(tile_rows, r1 - r));
-                    fn(k, static_cast<const uint8_t*>(w) + r * w_row_bytes, w_row_bytes, nr,
-                       static_cast<const uint8_t*>(xs) + c0 * x_stride, x_stride, nc, y + c0 * n_out + r,
-                       static_cast<size_t>(n_out));
-                }
+    run_items(pool, (n_out + chunk - 1) / chunk, [&](int64_t ci) {
+        const int64_t r0 = ci * chunk;
+        const int64_t r1 = std::min(n_out, r0 + chunk);
+        // Token tiles outside, row tiles inside: the chunk's weights stay in cache across token tiles.
+        for (int64_t c0 = 0; c0 < n_tok; c0 += kTileCols) {
+            const int nc = static_cast<int>(std::min<int64_t>(kTileCols, n_tok - c0));
+            for (int64_t r = r0; r < r1; r += tile_rows) {
+                const int nr = static_cast<int>(std::min<int64_t>(tile_rows, r1 - r));
+                fn(k, static_cast<const uint8_t*>(w) + r * w_row_bytes, w_row_bytes, nr,
+                   static_cast<const uint8_t*>(xs) + c0 * x_stride, x_stride, nc, y + c0 * n_out + r,
+                   static_cast<size_t>(n_out));
             }
         }
-    };
-    if (n_chunks == 1 || pool.size() == 1) {
-        work(0, 1);
-    } else {
-        pool.run(work);
-    }
+    });
 }
 
 // Panel layout per type (kernels.h): per scale block of 16 rows, the scales, then for every 32-element
@@ -350,32 +347,16 @@ bool matmul_panels_group(const PanelJob* jobs, int n_jobs, int64_t k, const floa
         it.y = pj.y;
         it.n_out = pj.n_out;
     }
-    if (scratch == nullptr) throw Error("matmul: quantized weights need act_scratch_bytes() of scratch");
-    block_q8_act* act = static_cast<block_q8_act*>(scratch);
-    const int64_t nb = k / 32;
-    const int64_t grain = std::max<int64_t>(1, 16384 / k);
-    pool.parallel_for(n_tok, grain, [&](int64_t t0, int64_t t1) {
-        for (int64_t i = t0; i < t1; ++i) kt.quantize_act(x + i * k, act + i * nb, k);
-    });
-    const size_t xs = static_cast<size_t>(nb) * sizeof(block_q8_act);
-    std::atomic<int64_t> next{0};
-    auto work = [&](int, int) {
+    const block_q8_act* act = quantize_activations(kt, x, n_tok, k, scratch, pool);
+    const size_t xs = static_cast<size_t>(k / 32) * sizeof(block_q8_act);
+    run_items(pool, n_items, [&](int64_t i) {
         int j = 0;
-        for (;;) {
-            const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
-            if (i >= n_items) return;
-            while (j + 1 < n_jobs && i >= items[j + 1].first_item) ++j;  // items are handed out in order
-            const Item& it = items[j];
-            const int64_t p0 = (i - it.first_item) * it.per_item, p1 = std::min(it.n_panels, p0 + it.per_item);
-            it.fn(k, it.panels + p0 * it.panel_bytes, p1 - p0, act, xs, n_tok, it.y + p0 * kPanelRows,
-                  static_cast<size_t>(it.n_out));
-        }
-    };
-    if (n_items == 1 || pool.size() == 1) {
-        work(0, 1);
-    } else {
-        pool.run(work);
-    }
+        while (j + 1 < n_jobs && i >= items[j + 1].first_item) ++j;
+        const Item& it = items[j];
+        const int64_t p0 = (i - it.first_item) * it.per_item, p1 = std::min(it.n_panels, p0 + it.per_item);
+        it.fn(k, it.panels + p0 * it.panel_bytes, p1 - p0, act, xs, n_tok, it.y + p0 * kPanelRows,
+              static_cast<size_t>(it.n_out));
+    });
     return true;
 }
 
