@@ -156,6 +156,7 @@ private:
         bool mapped_ = false;
     };
     std::vector<OwnedBuffer> owned_;
+    size_t owned_padding_ = 0;  // bytes of owned_ between repacked matrices (alignment), not weights
     uint64_t weights_mapped_ = 0;
 
     // ---- KV cache of the CPU blocks: (gpu_begin_, n_ctx, n_head_kv * head_dim), f32 or f16 ----
