@@ -132,6 +132,31 @@ def test_generate_seed_determinism(model):
             [m2.generate("The", max_new_tokens=8, temperature=1.0) for _ in range(2)]
 
 
+def test_end_of_generation_ids_from_the_core_match_the_tokenizer():
+    """Generation from token ids stops at the core's end-of-generation ids and never builds the tokenizer (its
+    vocabulary objects are tens of MiB); those ids follow the same rule as the Python tokenizer's."""
+    with lowbit.load(tiny_gguf("q8_0"), n_threads=N_THREADS, n_ctx=64) as m:
+        m.generate_tokens([1, 2, 3], max_new_tokens=4, temperature=0.0)
+        assert m._tokenizer is None
+        core_ids = m._core.eog_ids
+        tok = m.tokenizer
+        assert core_ids == sorted(tok.eot_ids)
+        # The file's eos (<|im_end|>) and the control token <|endoftext|>, not the other special token.
+        assert {tok.tokens[i] for i in core_ids} == {"<|im_end|>", "<|endoftext|>"}
+
+
+def test_core_metadata_matches_the_file(model):
+    """The tokenizer is built from the metadata the core kept at load; it must be the file's, key for key."""
+    from lowbit.gguf import GGUFFile
+
+    with GGUFFile(model.path) as g:
+        want = {k: v for k, v in g.metadata.items() if k.startswith("tokenizer.")}
+        every = dict(g.metadata)
+    got = model._core.metadata("tokenizer.")
+    assert len(want) >= 5 and got == want
+    assert model._core.metadata() == every
+
+
 def test_generate_text_is_detokenized_tokens(model):
     ids = model.generate_tokens("The quick brown", max_new_tokens=20, temperature=0.0, stop_at_eos=True)
     text = model.generate("The quick brown", max_new_tokens=20, temperature=0.0)

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <climits>
 #include <cstring>
 #include <initializer_list>
 #include <utility>
@@ -56,10 +57,38 @@ void dequantize_row(QType t, const uint8_t* row, float* out, int64_t n) {
     }
 }
 
-}  // namespace
-
 // ----------------------------------------------------------------------------------------------------
 // loading: config, then every tensor checked for presence, shape and type
+
+// ModelConfig::eog_ids from the tokenizer.ggml.* keys (the same rule as lowbit.tokenizer.Tokenizer.eot_ids):
+// the file's eos/eot/eom ids, plus control tokens spelled like a known chat format's end of turn.
+std::vector<int32_t> end_of_generation_ids(const GGUFReader& r) {
+    static const char* const kEndOfTurn[] = {"<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>",
+                                              "<|endoftext|>", "<|end_of_text|>"};
+    constexpr int64_t kControl = 3;  // tokenizer.ggml.token_type CONTROL
+    std::vector<int32_t> ids;
+    for (const char* key : {"tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"}) {
+        const GGUFValue* v = r.find(key);
+        if (v && v->is_integer() && v->as_int() >= 0 && v->as_int() <= INT32_MAX) ids.push_back(static_cast<int32_t>(v->as_int()));
+    }
+    const GGUFValue* tokens = r.find("tokenizer.ggml.tokens");
+    const GGUFValue* types = r.find("tokenizer.ggml.token_type");
+    if (tokens && types && tokens->type == GGUFType::ARRAY && types->type == GGUFType::ARRAY &&
+        tokens->elem_type == GGUFType::STRING && tokens->arr.size() == types->arr.size()) {
+        for (size_t i = 0; i < tokens->arr.size() && i <= INT32_MAX; ++i) {
+            const GGUFValue& ty = types->arr[i];
+            if (!ty.is_integer() || ty.as_int() != kControl) continue;
+            for (const char* text : kEndOfTurn) {
+                if (tokens->arr[i].s == text) ids.push_back(static_cast<int32_t>(i));
+            }
+        }
+    }
+    std::sort(ids.begin(), ids.end());
+    ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+    return ids;
+}
+
+}  // namespace
 
 std::unique_ptr<Model> Model::load(const std::string& path, const ModelParams& params) {
     if (params.n_batch < 1) throw Error("n_batch must be >= 1 (got " + std::to_string(params.n_batch) + ")");
@@ -135,6 +164,8 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelParams& p
     if (!(c.rope_freq_base > 0.0f)) throw Error("rope.freq_base must be > 0");
     if (!(c.rms_eps >= 0.0f)) throw Error("attention.layer_norm_rms_epsilon must be >= 0");
 
+    c.eog_ids = end_of_generation_ids(r);
+
     m->n_ctx_ = params.n_ctx > 0 ? params.n_ctx : std::min(c.n_ctx_train, 4096);
     m->load_tensors();
     if (m->reader_->file_changed_on_disk()) {
@@ -147,10 +178,15 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelParams& p
     return m;
 }
 
-Model::OwnedBuffer::OwnedBuffer(size_t n) : n_(n) {
+Model::OwnedBuffer::OwnedBuffer(size_t n, Kind kind) : n_(n) {
     constexpr size_t kMapFrom = size_t{4} << 20;
     constexpr size_t kHuge = size_t{2} << 20;
-    if (n >= kMapFrom) {
+    if (kind == kCache && n > 0) {
+        void* m = ::mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) throw Error("out of memory: cannot allocate " + std::to_string(n >> 20) + " MiB for the KV cache");
+        p_ = static_cast<uint8_t*>(m);
+        mapped_ = true;
+    } else if (n >= kMapFrom) {
         // Map 2 MiB more than asked and trim both ends, so the buffer starts on a huge-page boundary and every
         // whole 2 MiB of it can be a transparent huge page (an unaligned 6.5 MiB mapping gets two at most).
         const size_t span = n + kHuge;
@@ -169,7 +205,7 @@ Model::OwnedBuffer::OwnedBuffer(size_t n) : n_(n) {
 #endif
         mapped_ = true;
     } else {
-        p_ = new uint8_t[n > 0 ? n : 1];
+        p_ = new uint8_t[n > 0 ? n : 1]();
     }
 }
 
@@ -505,8 +541,8 @@ void Model::allocate_state() {
 
     kv_elem_bytes_ = params_.kv_f16 ? 2 : 4;
     const size_t kv_bytes = static_cast<size_t>(gpu_begin_) * n_ctx_ * kv_dim * kv_elem_bytes_;  // CPU blocks only
-    k_cache_.assign(kv_bytes, 0);
-    v_cache_.assign(kv_bytes, 0);
+    k_cache_ = OwnedBuffer(kv_bytes, OwnedBuffer::kCache);
+    v_cache_ = OwnedBuffer(kv_bytes, OwnedBuffer::kCache);
     tokens_.reserve(n_ctx_);
 
     x_.assign(nb * c.n_embd, 0.0f);

@@ -162,6 +162,13 @@ GGUFValue tree_from_py(py::handle h, const std::string& where, int depth) {
 
 }  // namespace
 
+py::object gguf_value_to_py(const GGUFValue& v) {
+    if (v.type != GGUFType::ARRAY) return plain_to_py(v);
+    py::list items(v.arr.size());
+    for (size_t k = 0; k < v.arr.size(); ++k) items[k] = gguf_value_to_py(v.arr[k]);
+    return std::move(items);
+}
+
 void bind_gguf(py::module_& m) {
     py::class_<GGUFReader>(m, "GGUFReader", py::buffer_protocol(),
                            "Validating, zero-copy GGUF reader (low level; use lowbit.GGUFFile). The object "

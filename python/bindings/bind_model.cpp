@@ -87,6 +87,16 @@ void bind_model(py::module_& m) {
             return py::array_t<int32_t>(static_cast<py::ssize_t>(t.size()), t.data());
         })
         .def_property_readonly("config", [](const Model& self) { return config_dict(self.config()); })
+        .def("metadata", [](const Model& self, const std::string& prefix) {
+            py::dict out;
+            for (const auto& [key, value] : self.reader().metadata()) {
+                if (key.compare(0, prefix.size(), prefix) == 0) out[py::str(key)] = gguf_value_to_py(value);
+            }
+            return out;
+        }, py::arg("prefix") = "",
+             "The file's metadata keys that start with prefix, as plain values (read at load; the file is not read again).")
+        .def_property_readonly("eog_ids", [](const Model& self) { return self.config().eog_ids; },
+                               "Token ids that end a generation (eos/eot/eom and end-of-turn control tokens).")
         .def("memory_footprint", [](const Model& self) {
             lowbit::MemoryFootprint f = self.memory_footprint();
             py::dict d;

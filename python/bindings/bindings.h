@@ -11,5 +11,9 @@ void bind_kernels(py::module_& m);  // ISA selection and kernel entry points for
 void bind_model(py::module_& m);    // Model, sampler
 void bind_cuda(py::module_& m);     // CUDA availability and device queries
 
+namespace lowbit { struct GGUFValue; }
+// A metadata value as a plain Python value (arrays as lists, nested arrays as nested lists).
+py::object gguf_value_to_py(const lowbit::GGUFValue& v);
+
 // The Python exception every lowbit::Error becomes (lowbit.LowbitError).
 extern py::handle g_lowbit_error;

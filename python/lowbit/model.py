@@ -178,7 +178,8 @@ class Model:
         if self._tokenizer is None:
             from .tokenizer import Tokenizer
 
-            self._tokenizer = Tokenizer.from_gguf(self.path)
+            # From the metadata the core read at load: no second parse of the file, only the tokenizer keys.
+            self._tokenizer = Tokenizer.from_metadata(self._model().metadata("tokenizer."))
             self._chat_template = self._tokenizer.chat_template
         return self._tokenizer
 
@@ -345,7 +346,8 @@ class Model:
         """Evaluate prompt after the longest cached common prefix, then sample and evaluate up to
         max_new_tokens tokens. Yields each new token id (EOS/EOT are not yielded)."""
         core = self._model()
-        eos = self.tokenizer.eot_ids if stop_at_eos else frozenset()
+        # From the core: generating from token ids never needs the tokenizer (tens of MiB of vocabulary objects).
+        eos = frozenset(core.eog_ids) if stop_at_eos else frozenset()
         timings = {"prompt_tokens": 0, "prompt_seconds": 0.0, "reused_tokens": 0, "generated_tokens": 0,
                    "generate_seconds": 0.0}
         self.last_timings = timings

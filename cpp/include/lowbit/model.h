@@ -6,6 +6,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "lowbit/gguf.h"
@@ -31,6 +32,9 @@ struct ModelConfig {
     float rope_freq_scale = 1.0f;  // 1 / llama.rope.scaling.factor for "linear" scaling
     float rms_eps = 1e-5f;       // llama.attention.layer_norm_rms_epsilon
     bool tied_embeddings = false;  // output.weight absent: the head reuses token_embd
+    // Tokens that end a generation: tokenizer.ggml.eos/eot/eom_token_id, and control tokens whose text is an
+    // end-of-turn marker of a known chat format ("<|im_end|>", "<|eot_id|>", ...). Sorted, unique.
+    std::vector<int32_t> eog_ids;
 };
 
 struct ModelParams {
@@ -137,14 +141,23 @@ private:
     std::vector<Layer> layers_;
     std::vector<float> rope_inv_freq_;  // (n_rot / 2) per-pair angular frequency
     bool has_rope_freq_factors_ = false;  // rope_freqs.weight present
-    // Storage for tensors converted or repacked at load: uninitialised, large ones as anonymous mappings
-    // with transparent huge pages (a 1 GB repack then costs ~500 page faults instead of ~250,000).
+    // Zeroed storage. kWeights (tensors converted or repacked at load): from 4 MiB on a 2 MiB-aligned anonymous
+    // mapping with transparent huge pages (a 1 GB repack then costs ~500 page faults instead of ~250,000),
+    // smaller ones on the heap. kCache (the KV cache): a mapping of 4 KiB pages that become resident only as
+    // the cache fills, so RSS follows the context in use, not n_ctx.
     class OwnedBuffer {
     public:
-        explicit OwnedBuffer(size_t n);
+        enum Kind { kWeights, kCache };
+        OwnedBuffer() = default;
+        explicit OwnedBuffer(size_t n, Kind kind = kWeights);
         OwnedBuffer(const uint8_t* begin, const uint8_t* end);
         OwnedBuffer(OwnedBuffer&& o) noexcept : p_(o.p_), n_(o.n_), mapped_(o.mapped_) { o.p_ = nullptr; o.n_ = 0; }
-        OwnedBuffer& operator=(OwnedBuffer&&) = delete;
+        OwnedBuffer& operator=(OwnedBuffer&& o) noexcept {
+            std::swap(p_, o.p_);
+            std::swap(n_, o.n_);
+            std::swap(mapped_, o.mapped_);
+            return *this;
+        }
         OwnedBuffer(const OwnedBuffer&) = delete;
         ~OwnedBuffer();
         uint8_t* data() const { return p_; }
@@ -160,8 +173,8 @@ private:
     uint64_t weights_mapped_ = 0;
 
     // ---- KV cache of the CPU blocks: (gpu_begin_, n_ctx, n_head_kv * head_dim), f32 or f16 ----
-    std::vector<uint8_t> k_cache_;
-    std::vector<uint8_t> v_cache_;
+    OwnedBuffer k_cache_;
+    OwnedBuffer v_cache_;
     size_t kv_elem_bytes_ = 4;
     std::vector<int32_t> tokens_;   // (n_past) the tokens in the cache
 
