@@ -273,21 +273,34 @@ void Model::repack_cpu_weights() {
     owned_.emplace_back(total);
     uint8_t* dst = owned_.back().data();
     size_t padding = total;
+    // Release the file's pages wholly inside [begin, end) from this process (best effort).
+    auto release = [&](const uint8_t* begin, const uint8_t* end) {
+        const uintptr_t b = (reinterpret_cast<uintptr_t>(begin) + page - 1) / page * page;
+        const uintptr_t e = reinterpret_cast<uintptr_t>(end) / page * page;
+        if (e > b) ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
+    };
     for (const auto& [wp, shared_with_embedding] : todo) {
         WeightView& w = *wp;
         const size_t bytes = w.row_bytes * static_cast<size_t>(w.n_out);
-        pool_->parallel_for(w.n_out / cpu::kPanelRows, 1, [&](int64_t p0, int64_t p1) {
-            cpu::repack_panels(w.type, w.data, w.row_bytes, w.n_out, w.n_in, dst, p0, p1);
-        });
+        // In slices of ~8 MiB, each slice's file pages released as soon as it is copied: a large matrix (a
+        // 100 MB output head) would otherwise be resident twice, file pages and panels, and set the peak RSS.
+        const size_t panel_src = w.row_bytes * cpu::kPanelRows;
+        const int64_t n_panels = w.n_out / cpu::kPanelRows;
+        const int64_t slice = std::max<int64_t>(1, static_cast<int64_t>((size_t{8} << 20) / panel_src));
+        for (int64_t s0 = 0; s0 < n_panels; s0 += slice) {
+            const int64_t s1 = std::min(n_panels, s0 + slice);
+            pool_->parallel_for(s1 - s0, 1, [&](int64_t p0, int64_t p1) {
+                cpu::repack_panels(w.type, w.data, w.row_bytes, w.n_out, w.n_in, dst, s0 + p0, s0 + p1);
+            });
+            release(w.data + s0 * panel_src, w.data + s1 * panel_src);
+        }
         w.panels = dst;
         padding -= cpu::panels_bytes(w.type, w.n_out, w.n_in);
         dst += (cpu::panels_bytes(w.type, w.n_out, w.n_in) + kAlign - 1) / kAlign * kAlign;
         // A tied head shares its rows with the token embedding, which embed() still reads (only the pages
         // of the rows it gathers come back), so those bytes stay counted as mapped.
         if (!shared_with_embedding) weights_mapped_ -= bytes;
-        const uintptr_t b = (reinterpret_cast<uintptr_t>(w.data) + page - 1) / page * page;
-        const uintptr_t e = (reinterpret_cast<uintptr_t>(w.data) + bytes) / page * page;
-        if (e > b) ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);  // best effort
+        release(w.data, w.data + bytes);  // the pages that straddled two slices
     }
     embed_from_panels_ = tied_from_panels;
     owned_padding_ = padding;
