@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "cpu/kernels_internal.h"
 
@@ -79,18 +80,34 @@ block_q8_act* quantize_activations(const Kernels& kt, const float* x, int64_t n_
     return act;
 }
 
-// item(i) for i in [0, n_items), handed out one at a time to whichever thread is free (items differ in cost).
+// item(i) for i in [0, n_items). Each thread starts on its own contiguous share, in order (one sequential
+// stream of weights per thread, which the hardware prefetcher follows across items), and then takes items
+// left in the other threads' shares, so a thread that is slowed down (a noisy neighbour, a preemption) does
+// not hold up the job.
 template <class Fn>
 void run_items(ThreadPool& pool, int64_t n_items, Fn item) {
-    std::atomic<int64_t> next{0};
-    auto work = [&](int, int) {
-        for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n_items;) item(i);
-    };
-    if (n_items == 1 || pool.size() == 1) {
-        work(0, 1);
-    } else {
-        pool.run(work);
+    const int nth = pool.size();
+    if (n_items == 1 || nth == 1) {
+        for (int64_t i = 0; i < n_items; ++i) item(i);
+        return;
     }
+    struct alignas(64) Share {
+        std::atomic<int64_t> next;
+        int64_t end;
+    };
+    Share stack_shares[16];
+    std::vector<Share> heap_shares(nth > 16 ? nth : 0);
+    Share* shares = nth > 16 ? heap_shares.data() : stack_shares;
+    for (int t = 0; t < nth; ++t) {
+        shares[t].next.store(n_items * t / nth, std::memory_order_relaxed);
+        shares[t].end = n_items * (t + 1) / nth;
+    }
+    pool.run([&](int ith, int) {
+        for (int k = 0; k < nth; ++k) {
+            Share& sh = shares[(ith + k) % nth];
+            for (int64_t i; (i = sh.next.fetch_add(1, std::memory_order_relaxed)) < sh.end;) item(i);
+        }
+    });
 }
 
 }  // namespace
