@@ -65,7 +65,10 @@ else:
             tok = int(np.argmax(m.scores[m.n_tokens - 1]))
         return time.perf_counter() - t, n
 out["load_s"] = time.perf_counter() - t0
-prompt(rng.integers(0, n_vocab, 16).tolist())  # warm-up
+# Warm-up, not measured: a prompt and a whole decode (llama.cpp's first decode in a process runs ~15% below
+# its later ones; both engines get the same treatment).
+prompt(rng.integers(0, n_vocab, 16).tolist())
+decode(rng.integers(0, n_vocab, 8).tolist(), n_gen)
 for _ in range(reps):
     for n in (128, 512):
         toks = rng.integers(0, n_vocab, n).tolist()
@@ -74,7 +77,16 @@ for _ in range(reps):
     secs, n = decode(rng.integers(0, n_vocab, 8).tolist(), n_gen)
     out["tg"].append(n / secs)
 # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across exec on Linux).
-out["rss_mib"] = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+out["rss_mib"] = hwm()
+# Then the peak once text has been tokenized: lowbit builds its tokenizer on first use (token ids alone never
+# need it); llama.cpp holds its vocabulary from the start.
+if engine == "lowbit":
+    m.tokenize("The quick brown fox jumps over the lazy dog.")
+else:
+    m.tokenize(b"The quick brown fox jumps over the lazy dog.")
+out["rss_text_mib"] = hwm()
 print("RESULT " + json.dumps(out))
 """
 
@@ -128,6 +140,17 @@ def run_child(engine: str, path: Path, threads: int, reps: int, n_gen: int) -> d
         if line.startswith("RESULT "):
             return json.loads(line[7:])
     raise RuntimeError(f"{engine} on {path.name} failed:\n{proc.stderr[-3000:]}")
+
+
+def merge_child(acc: dict, one: dict) -> None:
+    """Fold one child's result into acc: rates are lists (one per repetition), peaks the largest seen."""
+    for k, v in one.items():
+        if isinstance(v, list):
+            acc.setdefault(k, []).extend(v)
+        elif k.startswith("rss"):
+            acc[k] = max(acc.get(k, 0.0), v)
+        else:
+            acc.setdefault(k + "_all", []).append(v)
 
 
 def warm_load(engine: str, path: Path, threads: int) -> float:
@@ -295,29 +318,36 @@ def main() -> int:
     results = []
     for model, qt, path in files:
         row = {"model": model, "type": qt, "file": path.name, "weight_bytes": weight_bytes(path)}
-        row["lowbit"] = run_child("lowbit", path, args.threads, args.reps, args.n_gen)
-        row["lowbit"]["warm_load_s"] = warm_load("lowbit", path, args.threads)
-        if have_llamacpp and qt != "nf4":
-            row["llamacpp"] = run_child("llamacpp", path, args.threads, args.reps, args.n_gen)
-            row["llamacpp"]["warm_load_s"] = warm_load("llamacpp", path, args.threads)
+        # One child process per engine per repetition, the engines alternating, so a slow minute on this shared
+        # machine hits both rather than whichever engine ran in it.
+        engines = ["lowbit"] + (["llamacpp"] if have_llamacpp and qt != "nf4" else [])
+        for _ in range(args.reps):
+            for engine in engines:
+                merge_child(row.setdefault(engine, {}), run_child(engine, path, args.threads, 1, args.n_gen))
+        for engine in engines:
+            row[engine]["warm_load_s"] = warm_load(engine, path, args.threads)
         results.append(row)
         print(f"done: {model} {qt}", file=sys.stderr)
 
     med = statistics.median
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; threads {args.threads}; "
-          f"read bandwidth {bw:.1f} GB/s (median of 5)\n")
+          f"read bandwidth {bw:.1f} GB/s (median of 5); "
+          f"rates are median [min-max] of {args.reps} child processes per engine, alternating\n")
     print("| model | type | metric | lowbit | llama.cpp | ratio |")
     print("|---|---|---|---|---|---|")
     for r in results:
         lb, lc = r["lowbit"], r.get("llamacpp")
         for metric, key, fmt in (("prompt 128 (tok/s)", "pp128", "{:.1f}"), ("prompt 512 (tok/s)", "pp512", "{:.1f}"),
                                  (f"decode {args.n_gen} (tok/s)", "tg", "{:.1f}")):
+            def cell(vals: list) -> str:  # median [min-max]
+                return f"{fmt.format(med(vals))} [{fmt.format(min(vals))}-{fmt.format(max(vals))}]"
+
             a = med(lb[key])
             b = med(lc[key]) if lc else None
-            print(f"| {r['model']} | {r['type']} | {metric} | {fmt.format(a)} | "
-                  f"{fmt.format(b) if b else '-'} | {a / b:.2f} |" if b else
-                  f"| {r['model']} | {r['type']} | {metric} | {fmt.format(a)} | - | - |")
-        for metric, key, fmt in (("warm load (s)", "warm_load_s", "{:.3f}"), ("peak RSS (MiB)", "rss_mib", "{:.0f}")):
+            print(f"| {r['model']} | {r['type']} | {metric} | {cell(lb[key])} | "
+                  + (f"{cell(lc[key])} | {a / b:.2f} |" if b else "- | - |"))
+        for metric, key, fmt in (("warm load (s)", "warm_load_s", "{:.3f}"), ("peak RSS (MiB)", "rss_mib", "{:.0f}"),
+                                 ("peak RSS after tokenizing text (MiB)", "rss_text_mib", "{:.0f}")):
             a = lb[key]
             b = lc[key] if lc else None
             print(f"| {r['model']} | {r['type']} | {metric} | {fmt.format(a)} | "
