@@ -223,8 +223,8 @@ Model::OwnedBuffer::~OwnedBuffer() {
 }
 
 // Block-quantized matrices of the blocks that run on the CPU are regrouped once into 16-row panels
-// (kernels.h) where the active kernel table has a panel kernel for their type (AVX-512 VNNI and NEON dotprod:
-// Q4_0/Q4_1/Q8_0/NF4; AVX2: Q4_0/Q4_1). Those kernels need about a quarter of the instructions per weight
+// (kernels.h) where the active kernel table has a panel kernel for their type (Q4_0, Q4_1, Q8_0 and NF4 on
+// AVX2, AVX-512 and NEON with dotprod). Those kernels need about a quarter of the instructions per weight
 // byte, so decode runs at memory speed and prompts skip the per-call repack. The panels are a private copy
 // of the same bytes; the file pages they came from are released from this process (MADV_DONTNEED: RSS stays
 // about the file size, and the mapping stays valid, so a kernel table without panel kernels can still read

@@ -37,8 +37,8 @@ const Kernels kAvx2 = {
     nullptr,
     panel_q4_x86<false>,  // load-time panels: Q4_0
     panel_q4_x86<true>,   // Q4_1
-    nullptr,              // Q8_0 and NF4 panels hold w + 128, which vpmaddubsw would saturate on
-    nullptr,
+    panel_s8_x86<PanelS8Q8_0>,  // Q8_0 and NF4: signed weights, sign trick
+    panel_s8_x86<PanelS8NF4>,
     exp_sub_sum_x86,
     axpy_f16_x86,
 };

@@ -474,8 +474,8 @@ const Kernels kTable = {
     nullptr,
     panel_q4_x86<false>,
     panel_q4_x86<true>,
-    nullptr,
-    nullptr,
+    panel_s8_x86<PanelS8Q8_0>,
+    panel_s8_x86<PanelS8NF4>,
     exp_sub_sum_x86,
     axpy_f16_x86,
 };
