@@ -133,8 +133,8 @@ def test_generate_seed_determinism(model):
 
 
 def test_end_of_generation_ids_from_the_core_match_the_tokenizer():
-    """Generation from token ids stops at the core's end-of-generation ids and never builds the tokenizer (its
-    vocabulary objects are tens of MiB); those ids follow the same rule as the Python tokenizer's."""
+    """Generation from token ids takes its end-of-generation ids from the core and never builds the tokenizer
+    (its vocabulary objects are tens of MiB); those ids follow the same rule as the Python tokenizer's."""
     with lowbit.load(tiny_gguf("q8_0"), n_threads=N_THREADS, n_ctx=64) as m:
         m.generate_tokens([1, 2, 3], max_new_tokens=4, temperature=0.0)
         assert m._tokenizer is None
