@@ -145,6 +145,18 @@ def test_end_of_generation_ids_from_the_core_match_the_tokenizer():
         assert {tok.tokens[i] for i in core_ids} == {"<|im_end|>", "<|endoftext|>"}
 
 
+def test_generation_stops_at_the_first_end_of_generation_token(model):
+    eog = set(model._core.eog_ids)
+    kw = dict(max_new_tokens=120, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
+    for seed in range(40):  # sampled hot, some seed reaches an end token; the draws are seeded
+        full = model.generate_tokens([5, 6, 7], seed=seed, stop_at_eos=False, **kw)
+        hits = [i for i, t in enumerate(full) if t in eog]
+        if hits:
+            assert model.generate_tokens([5, 6, 7], seed=seed, **kw) == full[:hits[0]]
+            return
+    pytest.fail("no seed produced an end-of-generation token")
+
+
 def test_core_metadata_matches_the_file(model):
     """The tokenizer is built from the metadata the core kept at load; it must be the file's, key for key."""
     from lowbit.gguf import GGUFFile
