@@ -218,8 +218,11 @@ def test_gpu_layers_agree_with_cpu(qtype):
 @pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0", "nf4"])
 def test_repacked_panels_change_nothing_but_the_layout(monkeypatch, qtype):
     """Block-quantized weights of CPU blocks are regrouped at load into 16-row panels where the active kernels
-    have panel kernels (AVX-512 VNNI). Same bytes, other summation order: logits within float rounding of the
-    row path, greedy tokens equal, and the footprint moves the bytes from mapped to owned."""
+    have panel kernels. Same bytes: greedy tokens equal, and the footprint moves the bytes from mapped to owned.
+    With AVX-512 VNNI a prompt takes the same panel arithmetic with either layout (the rows are repacked per
+    call), so the logits agree to float rounding. Elsewhere rows and panels sum in different orders and a
+    rounding difference can flip one activation's int8 requantization further down (seen with AVX2 and Q4_0:
+    0.038 on 4 of 32 tokens); there both must be equally good approximations of the same weights in fp32."""
     from lowbit import _core
     from test_kernels import cpu_has_vnni
 
@@ -237,5 +240,12 @@ def test_repacked_panels_change_nothing_but_the_layout(monkeypatch, qtype):
             pytest.skip(f"the {_core.active_isa()} kernels have no panel layout")
         assert fp["weights"] == ref_fp["weights"]
         assert fp["weights_mapped"] < ref_fp["weights_mapped"]
-        np.testing.assert_allclose(m.logits(ids), ref, rtol=0, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
+        logits = m.logits(ids)
+        if _core.active_isa() == "avx512" and cpu_has_vnni():
+            np.testing.assert_allclose(logits, ref, rtol=0, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
+        else:
+            oracle = hf_logits_same_weights(tiny_hf(0, False), tiny_gguf(qtype), ids)
+            kl_rows, kl_panels = kl_and_top1(oracle, ref)[0], kl_and_top1(oracle, logits)[0]
+            assert kl_panels <= 1.25 * kl_rows + 1e-6, f"KL vs fp32: panels {kl_panels:.3g}, rows {kl_rows:.3g}"
+            assert np.mean(logits.argmax(axis=1) == ref.argmax(axis=1)) >= 0.95
         assert m.generate_tokens(ids[:8], max_new_tokens=16, temperature=0.0, stop_at_eos=False) == ref_greedy
