@@ -532,6 +532,15 @@ void GGUFReader::parse() {
     }
 }
 
+std::vector<std::pair<std::string, GGUFValue>> GGUFReader::take_metadata(const std::string& prefix) {
+    std::vector<std::pair<std::string, GGUFValue>> taken, kept;
+    for (auto& kv : kv_) (kv.first.compare(0, prefix.size(), prefix) == 0 ? taken : kept).push_back(std::move(kv));
+    kv_ = std::move(kept);
+    index_->kv.clear();
+    for (size_t i = 0; i < kv_.size(); ++i) index_->kv.emplace(kv_[i].first, i);
+    return taken;
+}
+
 const GGUFValue* GGUFReader::find(const std::string& key) const {
     auto it = index_->kv.find(key);
     return it == index_->kv.end() ? nullptr : &kv_[it->second].second;

@@ -95,6 +95,17 @@ void bind_model(py::module_& m) {
             return out;
         }, py::arg("prefix") = "",
              "The file's metadata keys that start with prefix, as plain values (read at load; the file is not read again).")
+        .def("take_metadata", [](Model& self, const std::string& prefix) {
+            std::vector<std::pair<std::string, lowbit::GGUFValue>> taken;
+            {
+                py::gil_scoped_release nogil;  // waits for a running eval
+                taken = self.take_metadata(prefix);
+            }
+            py::dict out;
+            for (const auto& [key, value] : taken) out[py::str(key)] = gguf_value_to_py(value);
+            return out;
+        }, py::arg("prefix"),
+             "As metadata(prefix), moving the values out of the core: they are gone from metadata() afterwards.")
         .def_property_readonly("eog_ids", [](const Model& self) { return self.config().eog_ids; },
                                "Token ids that end a generation (eos/eot/eom and end-of-turn control tokens).")
         .def("memory_footprint", [](const Model& self) {

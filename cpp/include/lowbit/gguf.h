@@ -79,6 +79,9 @@ public:
     uint64_t data_offset() const { return data_offset_; }  // absolute offset of the data section
 
     const std::vector<std::pair<std::string, GGUFValue>>& metadata() const { return kv_; }
+    // Moves the entries whose key starts with prefix out of the reader (they are gone from metadata() and
+    // find() afterwards), in file order: for a consumer that needs them once, so they are not held twice.
+    std::vector<std::pair<std::string, GGUFValue>> take_metadata(const std::string& prefix);
     const GGUFValue* find(const std::string& key) const;  // nullptr when absent
     int64_t get_int(const std::string& key, int64_t def) const;
     double get_float(const std::string& key, double def) const;

@@ -81,6 +81,12 @@ public:
     const std::vector<int32_t>& tokens() const { return tokens_; }
     const std::string& path() const { return reader_->path(); }
     const GGUFReader& reader() const { return *reader_; }
+    // GGUFReader::take_metadata on the model's file (the tokenizer takes its keys once, so the vocabulary is
+    // not held both here and in the tokenizer).
+    std::vector<std::pair<std::string, GGUFValue>> take_metadata(const std::string& prefix) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        return reader_->take_metadata(prefix);
+    }
 
     // Evaluate n tokens at positions n_past .. n_past+n-1 (appending them to the KV cache), in chunks of
     // n_batch. logits: (n_vocab) for the last token, or (n, n_vocab) when all_logits. Bad input throws
