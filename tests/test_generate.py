@@ -145,6 +145,36 @@ def test_end_of_generation_ids_from_the_core_match_the_tokenizer():
         assert {tok.tokens[i] for i in core_ids} == {"<|im_end|>", "<|endoftext|>"}
 
 
+def test_interrupted_tokenizer_build_can_be_retried(monkeypatch):
+    """The tokenizer keys leave the core when the tokenizer is built; a build cut short by Ctrl-C must not lose
+    them, and a vocabulary that cannot be built gives the same error on every call."""
+    from lowbit import tokenizer as tokmod
+
+    real = tokmod.Tokenizer.from_metadata
+    calls = []
+
+    def flaky(md, *a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(md, *a, **kw)
+
+    with lowbit.load(tiny_gguf("q8_0"), n_threads=N_THREADS, n_ctx=64) as m:
+        monkeypatch.setattr(tokmod.Tokenizer, "from_metadata", staticmethod(flaky))
+        with pytest.raises(KeyboardInterrupt):
+            m.tokenize("Hello")
+        assert m.detokenize(m.tokenize("Hello there")) == "Hello there"
+
+    def broken(md, *a, **kw):
+        raise lowbit.LowbitError("unsupported vocabulary")
+
+    with lowbit.load(tiny_gguf("q8_0"), n_threads=N_THREADS, n_ctx=64) as m:
+        monkeypatch.setattr(tokmod.Tokenizer, "from_metadata", staticmethod(broken))
+        for _ in range(2):
+            with pytest.raises(lowbit.LowbitError, match="unsupported vocabulary"):
+                m.tokenize("Hello")
+
+
 def test_generation_stops_at_the_first_end_of_generation_token(model):
     eog = set(model._core.eog_ids)
     kw = dict(max_new_tokens=120, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)

@@ -141,6 +141,7 @@ class Model:
         self._config = ModelConfig.from_dict(self._core.config)
         self._tokenizer = None
         self._tokenizer_error: Optional[Exception] = None
+        self._tokenizer_keys: Optional[dict] = None
         self._tokenizer_lock = threading.Lock()
         self._chat_template: Optional[str] = None
         self._seed_rng = random.Random(seed)
@@ -186,11 +187,16 @@ class Model:
                 if self._tokenizer is None:
                     # The tokenizer.* keys move from the core (read at load; the file is not parsed again) into
                     # the tokenizer, so the vocabulary is not held twice (~13 MiB less at the peak for 49k tokens).
+                    # Kept until the build succeeds, so an interrupted build (Ctrl-C) can be retried.
+                    if self._tokenizer_keys is None:
+                        self._tokenizer_keys = self._model().take_metadata("tokenizer.")
                     try:
-                        tok = Tokenizer.from_metadata(self._model().take_metadata("tokenizer."))
-                    except Exception as e:  # the keys are gone: a later call gets the same error
+                        tok = Tokenizer.from_metadata(self._tokenizer_keys)
+                    except Exception as e:  # a bad vocabulary stays bad: later calls get the same error
                         self._tokenizer_error = e
+                        self._tokenizer_keys = None
                         raise
+                    self._tokenizer_keys = None
                     self._chat_template = tok.chat_template
                     self._tokenizer = tok
         return self._tokenizer
