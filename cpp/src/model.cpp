@@ -63,8 +63,6 @@ void dequantize_row(QType t, const uint8_t* row, float* out, int64_t n) {
 // ModelConfig::eog_ids from the tokenizer.ggml.* keys (the same rule as lowbit.tokenizer.Tokenizer.eot_ids):
 // the file's eos/eot/eom ids, plus control tokens spelled like a known chat format's end of turn.
 std::vector<int32_t> end_of_generation_ids(const GGUFReader& r) {
-    static const char* const kEndOfTurn[] = {"<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>",
-                                              "<|endoftext|>", "<|end_of_text|>"};
     constexpr int64_t kControl = 3;  // tokenizer.ggml.token_type CONTROL
     std::vector<int32_t> ids;
     for (const char* key : {"tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"}) {
@@ -78,7 +76,7 @@ std::vector<int32_t> end_of_generation_ids(const GGUFReader& r) {
         for (size_t i = 0; i < tokens->arr.size() && i <= INT32_MAX; ++i) {
             const GGUFValue& ty = types->arr[i];
             if (!ty.is_integer() || ty.as_int() != kControl) continue;
-            for (const char* text : kEndOfTurn) {
+            for (const char* text : kEndOfTurnTexts) {
                 if (tokens->arr[i].s == text) ids.push_back(static_cast<int32_t>(i));
             }
         }
@@ -248,11 +246,17 @@ void Model::repack_cpu_weights() {
         return w.data >= map_begin && w.data + bytes <= map_end;
     };
     // Every matrix to repack, in the order decode reads them, with whether its rows also serve the embedding.
-    std::vector<std::pair<WeightView*, bool>> todo;
+    struct Todo {
+        WeightView* w;
+        bool shared_with_embedding;
+        size_t panel_bytes;
+    };
+    std::vector<Todo> todo;
+    auto add = [&](WeightView* w, bool shared) { todo.push_back({w, shared, cpu::panels_bytes(w->type, w->n_out, w->n_in)}); };
     for (int l = 0; l < gpu_begin_; ++l) {
         Layer& L = layers_[l];
         for (WeightView* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) {
-            if (eligible(*w)) todo.emplace_back(w, false);
+            if (eligible(*w)) add(w, false);
         }
     }
     // The output head when the CPU computes it, tied or not. A tied head's panels serve embed() too where
@@ -261,26 +265,30 @@ void Model::repack_cpu_weights() {
     if (!gpu_output_ && eligible(output)) {
         const bool tied = output.data == token_embd.data;
         tied_from_panels = tied && cpu::panel_row_exact(output.type);
-        todo.emplace_back(&output, tied && !tied_from_panels);
+        add(&output, tied && !tied_from_panels);
     }
     if (todo.empty()) return;
     // One arena for all of them: a single huge-page-aligned mapping, each matrix on a cache line, so the whole
     // stream decode reads sits on 2 MiB pages (per-matrix mappings left the smaller matrices and the unaligned
     // ends of the larger ones on 4 KiB pages: about half the weights of a 1.1B model; decode +3-7%).
     constexpr size_t kAlign = 64;
-    size_t total = 0;
-    for (const auto& [w, shared] : todo) total += (cpu::panels_bytes(w->type, w->n_out, w->n_in) + kAlign - 1) / kAlign * kAlign;
+    auto aligned = [&](size_t n) { return (n + kAlign - 1) / kAlign * kAlign; };
+    size_t total = 0, weights = 0;
+    for (const Todo& t : todo) {
+        total += aligned(t.panel_bytes);
+        weights += t.panel_bytes;
+    }
     owned_.emplace_back(total);
+    owned_padding_ = total - weights;
     uint8_t* dst = owned_.back().data();
-    size_t padding = total;
     // Release the file's pages wholly inside [begin, end) from this process (best effort).
     auto release = [&](const uint8_t* begin, const uint8_t* end) {
         const uintptr_t b = (reinterpret_cast<uintptr_t>(begin) + page - 1) / page * page;
         const uintptr_t e = reinterpret_cast<uintptr_t>(end) / page * page;
         if (e > b) ::madvise(reinterpret_cast<void*>(b), e - b, MADV_DONTNEED);
     };
-    for (const auto& [wp, shared_with_embedding] : todo) {
-        WeightView& w = *wp;
+    for (const Todo& t : todo) {
+        WeightView& w = *t.w;
         const size_t bytes = w.row_bytes * static_cast<size_t>(w.n_out);
         // In slices of ~8 MiB, each slice's file pages released as soon as it is copied: a large matrix (a
         // 100 MB output head) would otherwise be resident twice, file pages and panels, and set the peak RSS.
@@ -295,15 +303,13 @@ void Model::repack_cpu_weights() {
             release(w.data + s0 * panel_src, w.data + s1 * panel_src);
         }
         w.panels = dst;
-        padding -= cpu::panels_bytes(w.type, w.n_out, w.n_in);
-        dst += (cpu::panels_bytes(w.type, w.n_out, w.n_in) + kAlign - 1) / kAlign * kAlign;
+        dst += aligned(t.panel_bytes);
         // A tied head shares its rows with the token embedding, which embed() still reads (only the pages
         // of the rows it gathers come back), so those bytes stay counted as mapped.
-        if (!shared_with_embedding) weights_mapped_ -= bytes;
+        if (!t.shared_with_embedding) weights_mapped_ -= bytes;
         release(w.data, w.data + bytes);  // the pages that straddled two slices
     }
     embed_from_panels_ = tied_from_panels;
-    owned_padding_ = padding;
 }
 
 // ----------------------------------------------------------------------------------------------------

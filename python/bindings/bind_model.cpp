@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -42,9 +43,21 @@ py::dict config_dict(const lowbit::ModelConfig& c) {
     return d;
 }
 
+// {key: plain value} for the entries whose key starts with prefix.
+py::dict metadata_dict(const std::vector<std::pair<std::string, lowbit::GGUFValue>>& kv, const std::string& prefix) {
+    py::dict out;
+    for (const auto& [key, value] : kv) {
+        if (key.compare(0, prefix.size(), prefix) == 0) out[py::str(key)] = gguf_value_to_py(value);
+    }
+    return out;
+}
+
 }  // namespace
 
 void bind_model(py::module_& m) {
+    py::tuple eot(std::size(lowbit::kEndOfTurnTexts));
+    for (size_t i = 0; i < std::size(lowbit::kEndOfTurnTexts); ++i) eot[i] = py::str(lowbit::kEndOfTurnTexts[i]);
+    m.attr("END_OF_TURN_TEXTS") = eot;
     py::class_<Model>(m, "Model", "A loaded LLaMA-family GGUF model with its KV cache (see lowbit.Model).")
         .def(py::init([](const std::string& path, int n_ctx, int n_threads, int n_batch, int n_gpu_layers,
                          bool kv_f16) {
@@ -88,11 +101,7 @@ void bind_model(py::module_& m) {
         })
         .def_property_readonly("config", [](const Model& self) { return config_dict(self.config()); })
         .def("metadata", [](const Model& self, const std::string& prefix) {
-            py::dict out;
-            for (const auto& [key, value] : self.reader().metadata()) {
-                if (key.compare(0, prefix.size(), prefix) == 0) out[py::str(key)] = gguf_value_to_py(value);
-            }
-            return out;
+            return metadata_dict(self.reader().metadata(), prefix);
         }, py::arg("prefix") = "",
              "The file's metadata keys that start with prefix, as plain values (read at load; the file is not read again).")
         .def("take_metadata", [](Model& self, const std::string& prefix) {
@@ -101,9 +110,7 @@ void bind_model(py::module_& m) {
                 py::gil_scoped_release nogil;  // waits for a running eval
                 taken = self.take_metadata(prefix);
             }
-            py::dict out;
-            for (const auto& [key, value] : taken) out[py::str(key)] = gguf_value_to_py(value);
-            return out;
+            return metadata_dict(taken, "");
         }, py::arg("prefix"),
              "As metadata(prefix), moving the values out of the core: they are gone from metadata() afterwards.")
         .def_property_readonly("eog_ids", [](const Model& self) { return self.config().eog_ids; },

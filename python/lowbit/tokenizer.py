@@ -8,15 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from ._core import LowbitError
+from ._core import END_OF_TURN_TEXTS, LowbitError
 
 log = logging.getLogger("lowbit.tokenizer")
 
 # llama.cpp token types.
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
-# End-of-turn tokens of common chat formats; generation stops on these as well as on EOS.
-_EOT_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>")
+# End-of-turn tokens of common chat formats; generation stops on these as well as on EOS (the core's list).
+_EOT_TEXTS = END_OF_TURN_TEXTS
 
 # Split regexes for tokenizer.ggml.pre values (the pre-tokenizers of the HF tokenizers these files came from).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"

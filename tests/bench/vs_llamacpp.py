@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 # ---- the measurement that runs inside a child process ---------------------------------------------
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 engine, path, threads, reps, n_gen = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 rng = np.random.default_rng(0)
@@ -92,7 +92,7 @@ print("RESULT " + json.dumps(out))
 
 
 BNB_CHILD = r"""
-import json, os, resource, sys, tempfile, time
+import json, os, sys, tempfile, time
 import torch
 from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -15,6 +15,11 @@
 
 namespace lowbit {
 
+// End-of-turn markers of common chat formats: a CONTROL token spelled like one of these ends a generation as
+// EOS does (ModelConfig::eog_ids; lowbit.tokenizer uses the same list).
+inline constexpr const char* kEndOfTurnTexts[] = {"<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>",
+                                                  "<|endoftext|>", "<|end_of_text|>"};
+
 // Hyper-parameters read from the file's llama.* keys (see spec/container.md).
 struct ModelConfig {
     std::string architecture;    // "llama" or "mistral"
