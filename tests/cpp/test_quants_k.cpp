@@ -102,7 +102,8 @@ void check_golden(const char* name) {
         std::vector<uint8_t> got(static_cast<size_t>(n / QK_K) * t.block_bytes);
         t.quantize(x.data(), got.data(), n);
         size_t first_diff = 0;
-        while (first_diff < got.size() && first_diff < want.size() && got[first_diff] == want[first_diff]) ++first_diff;
+        while (first_diff < got.size() && first_diff < want.size() && got[first_diff] == want[first_diff])
+            ++first_diff;
         check(want.size() == got.size() && first_diff == got.size(),
               std::string(name) + " " + t.name + ": bytes differ from llama.cpp's at byte " + std::to_string(first_diff));
     }
