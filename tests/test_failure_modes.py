@@ -420,6 +420,10 @@ def test_model_with_alignment_1_runs_like_the_aligned_file(tmp_path, monkeypatch
                 break
     assert odd is not None, "could not place tensor data at an odd address"
     ids = [1, 5, 9, 42, 7, 3, 100, 11]
+    # Rows on both sides: the aligned file's matrices would otherwise be regrouped into load-time panels and the
+    # odd file's aligned copies not, and on ISAs where panels and rows sum in another order (AVX2) the logits
+    # then differ in the last bits for a reason that has nothing to do with alignment.
+    monkeypatch.setenv("LOWBIT_REPACK", "0")
     ref = lowbit.load(aligned, n_threads=N_THREADS).logits(ids)
     m = lowbit.load(odd, n_threads=N_THREADS)
     np.testing.assert_array_equal(m.logits(ids), ref)

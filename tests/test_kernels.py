@@ -247,7 +247,7 @@ def test_matmul_errors():
     with pytest.raises(lowbit.LowbitError, match="bytes"):
         _core.matmul(Q8_0, b"\0" * 10, 1, 32, np.zeros(32, np.float32))
     with pytest.raises(lowbit.LowbitError, match="no CPU matmul kernel"):
-        _core.matmul(12, b"\0" * 144, 1, 256, np.zeros(256, np.float32))
+        _core.matmul(16, b"\0" * 66, 1, 256, np.zeros(256, np.float32))
 
 
 @pytest.mark.parametrize("value,ok", [("generic", True), ("avx9000", False)])

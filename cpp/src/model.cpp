@@ -231,10 +231,7 @@ void Model::repack_cpu_weights() {
     const char* env = std::getenv("LOWBIT_REPACK");
     if (env && std::string(env) == "0") return;
     const cpu::Kernels& kt = cpu::kernels();
-    auto has_kernel = [&](QType t) {
-        return (t == QType::Q4_0 && kt.panel_q4_0) || (t == QType::Q4_1 && kt.panel_q4_1) ||
-               (t == QType::Q8_0 && kt.panel_q8_0) || (t == QType::NF4 && kt.panel_nf4);
-    };
+    auto has_kernel = [&](QType t) { return qtype_index(t) >= 0 && kt.at(t).panel != nullptr; };
     const uint8_t* map_begin = reader_->base();
     const uint8_t* map_end = map_begin + reader_->file_size();
     const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
@@ -721,7 +718,7 @@ void Model::attention(int layer, int n, int pos0) {
     // are scored together (dot tiles of up to 4 keys x 4 heads), so each key and value row is read once per
     // group instead of once per head.
     const int64_t n_items = static_cast<int64_t>(n) * c.n_head_kv;
-    const cpu::DotTileFn score_tile = f16 ? kr.dot_f16 : kr.dot_f32;
+    const cpu::DotTileFn score_tile = kr.at(f16 ? QType::F16 : QType::F32).dot;
 
     pool_->run([&](int ith, int nth) {
         float* scores = att_.data() + static_cast<size_t>(ith) * (static_cast<size_t>(group) * n_ctx_ + hd);

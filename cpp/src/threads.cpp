@@ -1,6 +1,9 @@
 // ThreadPool: persistent workers woken by a generation counter (spin first, then a condition variable).
 #include "lowbit/threads.h"
 
+#include <map>
+#include <memory>
+
 #include <algorithm>
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
@@ -123,6 +126,16 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void
         int64_t end = begin + per + (ith < rem ? 1 : 0);
         fn(begin, end);
     });
+}
+
+ThreadPool& shared_thread_pool(int n_threads) {
+    static std::mutex mu;
+    static std::map<int, std::unique_ptr<ThreadPool>> pools;
+    if (n_threads <= 0) n_threads = ThreadPool::hardware_threads();
+    std::lock_guard<std::mutex> lock(mu);
+    std::unique_ptr<ThreadPool>& p = pools[n_threads];
+    if (!p) p = std::make_unique<ThreadPool>(n_threads);
+    return *p;
 }
 
 }  // namespace lowbit

@@ -2,6 +2,9 @@
 // quantize()/dequantize() entry points that pick the scalar or SIMD row quantizers.
 #include "lowbit/types.h"
 
+#include "lowbit/kernels.h"
+#include "lowbit/threads.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -13,177 +16,87 @@
 
 namespace lowbit {
 
+// Element converters of the float types and the tensor-level NF4_DQ, named like the block types' so the
+// registry rows (lowbit/qtypes.def) can name every converter the same way.
+typedef float block_f32;
+typedef uint16_t block_f16;
+typedef uint16_t block_bf16;
+typedef uint8_t block_nf4_dq;
+
 namespace {
 
-// Block sizes and bytes per block as llama.cpp's gguf-py GGML_QUANT_SIZES
-// (spec/quant-types.md#type-table); `supported` only for the types lowbit computes with.
+void quantize_row_f32_ref(const float* x, block_f32* y, int64_t k) { std::memcpy(y, x, static_cast<size_t>(k) * 4); }
+void dequantize_row_f32(const block_f32* x, float* y, int64_t k) { std::memcpy(y, x, static_cast<size_t>(k) * 4); }
+void quantize_row_f16_ref(const float* x, block_f16* y, int64_t k) {
+    for (int64_t i = 0; i < k; ++i) y[i] = fp32_to_fp16(x[i]);
+}
+void dequantize_row_f16(const block_f16* x, float* y, int64_t k) {
+    for (int64_t i = 0; i < k; ++i) y[i] = fp16_to_fp32(x[i]);
+}
+void quantize_row_bf16_ref(const float* x, block_bf16* y, int64_t k) {
+    for (int64_t i = 0; i < k; ++i) y[i] = fp32_to_bf16(x[i]);
+}
+void dequantize_row_bf16(const block_bf16* x, float* y, int64_t k) {
+    for (int64_t i = 0; i < k; ++i) y[i] = bf16_to_fp32(x[i]);
+}
+void quantize_row_nf4_dq_ref(const float* x, block_nf4_dq* y, int64_t k) { quantize_nf4_dq_ref(x, y, k); }
+void dequantize_row_nf4_dq(const block_nf4_dq* x, float* y, int64_t k) { dequantize_nf4_dq(x, y, k); }
+
+template <class Block, void (*F)(const Block*, float*, int64_t)>
+void to_float_as(const void* src, float* dst, int64_t n) {
+    F(static_cast<const Block*>(src), dst, n);
+}
+template <class Block, void (*F)(const float*, Block*, int64_t)>
+void from_float_as(const float* src, void* dst, int64_t n) {
+    F(src, static_cast<Block*>(dst), n);
+}
+
+#define LOWBIT_X(NAME, lc, id, bs, ts, kind)                                                          \
+    static_assert(TypeKind::kind != TypeKind::BLOCK || sizeof(block_##lc) == ts,                      \
+                  "block_" #lc " does not match its registry row (lowbit/qtypes.def)");               \
+    static_assert(TypeKind::kind != TypeKind::FLOAT || (bs == 1 && sizeof(block_##lc) == ts),         \
+                  #NAME " does not match its registry row (lowbit/qtypes.def)");
+LOWBIT_QTYPES(LOWBIT_X)
+#undef LOWBIT_X
+
+// The registry (lowbit/qtypes.def): computable types first, then ggml types known by size only. Block sizes
+// and bytes per block as llama.cpp's gguf-py GGML_QUANT_SIZES (spec/quant-types.md#type-table).
 constexpr TypeTraits kTypes[] = {
-    {0, "F32", 1, 4, false, true, false},
-    {1, "F16", 1, 2, false, true, false},
-    {2, "Q4_0", 32, 18, true, true, false},
-    {3, "Q4_1", 32, 20, true, true, false},
-    {6, "Q5_0", 32, 22, true, false, false},
-    {7, "Q5_1", 32, 24, true, false, false},
-    {8, "Q8_0", 32, 34, true, true, false},
-    // Q8_1 never appears in files; ggml-common.h's block is 36 bytes (gguf-py's 40 is stale).
-    {9, "Q8_1", 32, 36, true, false, false},
-    {10, "Q2_K", 256, 84, true, false, false},
-    {11, "Q3_K", 256, 110, true, false, false},
-    {12, "Q4_K", 256, 144, true, false, false},
-    {13, "Q5_K", 256, 176, true, false, false},
-    {14, "Q6_K", 256, 210, true, false, false},
-    {15, "Q8_K", 256, 292, true, false, false},
-    {16, "IQ2_XXS", 256, 66, true, false, false},
-    {17, "IQ2_XS", 256, 74, true, false, false},
-    {18, "IQ3_XXS", 256, 98, true, false, false},
-    {19, "IQ1_S", 256, 50, true, false, false},
-    {20, "IQ4_NL", 32, 18, true, false, false},
-    {21, "IQ3_S", 256, 110, true, false, false},
-    {22, "IQ2_S", 256, 82, true, false, false},
-    {23, "IQ4_XS", 256, 136, true, false, false},
-    {24, "I8", 1, 1, false, false, false},
-    {25, "I16", 1, 2, false, false, false},
-    {26, "I32", 1, 4, false, false, false},
-    {27, "I64", 1, 8, false, false, false},
-    {28, "F64", 1, 8, false, false, false},
-    {29, "IQ1_M", 256, 56, true, false, false},
-    {30, "BF16", 1, 2, false, true, false},
-    {34, "TQ1_0", 256, 54, true, false, false},
-    {35, "TQ2_0", 256, 66, true, false, false},
-    {39, "MXFP4", 32, 17, true, false, false},
-    {40, "NVFP4", 64, 36, true, false, false},
-    {41, "Q1_0", 128, 18, true, false, false},
-    {1024, "NF4", QK_NF4, sizeof(block_nf4), true, true, false},
-    // Per-block part only: the 4-bit codes (32 bytes) and the 8-bit absmax code; see nf4_dq_nbytes().
-    {1025, "NF4_DQ", QK_NF4, QK_NF4 / 2 + 1, true, true, true},
+#define LOWBIT_X(NAME, lc, id, bs, ts, kind)                                                                 \
+    {id, #NAME, bs, ts, TypeKind::kind != TypeKind::FLOAT, true, TypeKind::kind == TypeKind::TENSOR,       \
+     &to_float_as<block_##lc, dequantize_row_##lc>, &from_float_as<block_##lc, quantize_row_##lc##_ref>},
+    LOWBIT_QTYPES(LOWBIT_X)
+#undef LOWBIT_X
+#define LOWBIT_Y(NAME, id, bs, ts) {id, #NAME, bs, ts, bs > 1, false, false, nullptr, nullptr},
+    LOWBIT_PARSED_TYPES(LOWBIT_Y)
+#undef LOWBIT_Y
 };
 
-bool is_block_type(QType t) {
-    return t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q8_0 || t == QType::NF4;
+std::string supported_names() {
+    std::string out;
+#define LOWBIT_X(NAME, lc, id, bs, ts, kind) out += std::string(out.empty() ? "" : ", ") + #NAME;
+    LOWBIT_QTYPES(LOWBIT_X)
+#undef LOWBIT_X
+    return out;
 }
 
-// ---- SIMD quantizer selection ------------------------------------------------------------------
-
-bool cpu_runs(QuantIsa isa) {
-    switch (isa) {
-        case QuantIsa::Generic:
-            return true;
-#if defined(LOWBIT_HAVE_AVX2) && (defined(__x86_64__) || defined(__i386__))
-        case QuantIsa::AVX2:
-            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                   __builtin_cpu_supports("f16c");
-#endif
-#if defined(LOWBIT_HAVE_AVX512) && (defined(__x86_64__) || defined(__i386__))
-        case QuantIsa::AVX512:
-            return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
-#endif
-        default:
-            return false;
-    }
-}
-
-QuantIsa best_isa() {
-    const char* env = std::getenv("LOWBIT_QUANT_ISA");
-    if (env != nullptr && *env != '\0') {
-        std::string s(env);
-        QuantIsa want = s == "generic"  ? QuantIsa::Generic
-                        : s == "avx2"   ? QuantIsa::AVX2
-                        : s == "avx512" ? QuantIsa::AVX512
-                                        : QuantIsa::Auto;
-        if (want == QuantIsa::Auto)
-            throw Error("LOWBIT_QUANT_ISA='" + s + "' is not one of generic, avx2, avx512; unset it or fix it");
-        if (!cpu_runs(want))
-            throw Error(std::string("LOWBIT_QUANT_ISA=") + s + " but this CPU or build cannot run it; unset it");
-        return want;
-    }
-    if (cpu_runs(QuantIsa::AVX512)) return QuantIsa::AVX512;
-    if (cpu_runs(QuantIsa::AVX2)) return QuantIsa::AVX2;
-    return QuantIsa::Generic;
-}
-
-std::atomic<int> g_forced_isa{static_cast<int>(QuantIsa::Auto)};
-
-QuantIsa current_isa() {
-    int forced = g_forced_isa.load(std::memory_order_relaxed);
-    if (forced != static_cast<int>(QuantIsa::Auto)) return static_cast<QuantIsa>(forced);
-    static const QuantIsa detected = best_isa();
-    return detected;
-}
-
-// Quantize a contiguous run of whole blocks (nblk blocks) of a block type with the chosen ISA.
-void quantize_blocks(QType t, QuantIsa isa, const float* x, void* dst, int64_t nblk) {
-    switch (t) {
-        case QType::Q4_0: {
-            auto* y = static_cast<block_q4_0*>(dst);
-            if (isa == QuantIsa::AVX512) return quantize_row_q4_0_avx512(x, y, nblk * QK4_0);
-            if (isa == QuantIsa::AVX2) return quantize_row_q4_0_avx2(x, y, nblk * QK4_0);
-            return quantize_row_q4_0_ref(x, y, nblk * QK4_0);
-        }
-        case QType::Q4_1: {
-            auto* y = static_cast<block_q4_1*>(dst);
-            if (isa == QuantIsa::AVX512) return quantize_row_q4_1_avx512(x, y, nblk * QK4_1);
-            if (isa == QuantIsa::AVX2) return quantize_row_q4_1_avx2(x, y, nblk * QK4_1);
-            return quantize_row_q4_1_ref(x, y, nblk * QK4_1);
-        }
-        case QType::Q8_0: {
-            auto* y = static_cast<block_q8_0*>(dst);
-            if (isa == QuantIsa::AVX512) return quantize_row_q8_0_avx512(x, y, nblk * QK8_0);
-            if (isa == QuantIsa::AVX2) return quantize_row_q8_0_avx2(x, y, nblk * QK8_0);
-            return quantize_row_q8_0_ref(x, y, nblk * QK8_0);
-        }
-        case QType::NF4:
-            return quantize_row_nf4_ref(x, static_cast<block_nf4*>(dst), nblk * QK_NF4);
-        default:
-            throw Error("internal: quantize_blocks called for a non-block type");
-    }
-}
-
-void dequantize_blocks(QType t, const void* src, float* y, int64_t nblk) {
-    switch (t) {
-        case QType::Q4_0:
-            return dequantize_row_q4_0(static_cast<const block_q4_0*>(src), y, nblk * QK4_0);
-        case QType::Q4_1:
-            return dequantize_row_q4_1(static_cast<const block_q4_1*>(src), y, nblk * QK4_1);
-        case QType::Q8_0:
-            return dequantize_row_q8_0(static_cast<const block_q8_0*>(src), y, nblk * QK8_0);
-        case QType::NF4:
-            return dequantize_row_nf4(static_cast<const block_nf4*>(src), y, nblk * QK_NF4);
-        default:
-            throw Error("internal: dequantize_blocks called for a non-block type");
-    }
-}
-
-// Inputs below this many elements are converted on the calling thread: thread start-up would cost more.
+// Inputs below this many elements are converted on the calling thread: waking the pool would cost more.
 constexpr int64_t kParallelMinElements = 256 * 1024;
 
-// Split [0, n_units) into n contiguous chunks and run fn(begin, end) on std::threads (the caller runs
-// chunk 0). Results do not depend on the split because every unit is independent.
+// Split [0, n_units) into one contiguous chunk per thread of the shared pool and run fn(begin, end) on each.
+// Results do not depend on the split because every unit is independent.
 template <typename Fn>
 void parallel_units(int64_t n_units, int64_t elems_per_unit, int n_threads, Fn fn) {
-    int nth = n_threads > 0 ? n_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    if (n_units * elems_per_unit < kParallelMinElements) nth = 1;
-    nth = static_cast<int>(std::min<int64_t>(nth, n_units));
-    if (nth <= 1) {
-        if (n_units > 0) fn(int64_t{0}, n_units);
+    if (n_units <= 0) return;
+    if (n_units * elems_per_unit < kParallelMinElements || n_threads == 1) {
+        fn(int64_t{0}, n_units);
         return;
     }
-    std::vector<std::thread> workers;
-    std::vector<std::exception_ptr> errors(nth);
-    auto chunk = [&](int i) {
-        int64_t b = n_units * i / nth, e = n_units * (i + 1) / nth;
-        try {
-            fn(b, e);
-        } catch (...) {
-            errors[i] = std::current_exception();
-        }
-    };
-    workers.reserve(nth - 1);
-    for (int i = 1; i < nth; ++i) workers.emplace_back(chunk, i);
-    chunk(0);
-    for (auto& w : workers) w.join();
-    for (auto& e : errors)
-        if (e) std::rethrow_exception(e);
+    ThreadPool& pool = shared_thread_pool(n_threads);
+    pool.run([&](int ith, int nth) {
+        const int64_t b = n_units * ith / nth, e = n_units * (ith + 1) / nth;
+        if (b < e) fn(b, e);
+    });
 }
 
 }  // namespace
@@ -199,11 +112,11 @@ const TypeTraits* type_traits(uint32_t id) {
 const TypeTraits& supported_traits(uint32_t id) {
     const TypeTraits* t = type_traits(id);
     if (t == nullptr)
-        throw Error("unknown tensor type id " + std::to_string(id) +
-                    "; lowbit supports F32, F16, BF16, Q8_0, Q4_0, Q4_1, NF4, NF4_DQ");
+        throw Error("unknown tensor type id " + std::to_string(id) + "; lowbit supports " + supported_names());
     if (!t->supported)
         throw Error(std::string("tensor type ") + t->name + " (id " + std::to_string(id) +
-                    ") is known but lowbit cannot compute with it; requantize to Q8_0, Q4_0, Q4_1 or NF4");
+                    ") is a ggml type lowbit does not run; lowbit runs " + supported_names() +
+                    ". Requantize the original F16/F32 file to one of those (lowbit quantize IN OUT TYPE)");
     return *t;
 }
 
@@ -293,27 +206,6 @@ uint16_t fp32_to_bf16(float f) {
     return static_cast<uint16_t>((n + 0x7fffu + ((n >> 16) & 1)) >> 16);
 }
 
-// ---- SIMD selection ------------------------------------------------------------------------------
-
-void set_quantize_isa(QuantIsa isa) {
-    if (isa != QuantIsa::Auto && !cpu_runs(isa))
-        throw Error(std::string("quantizer ISA ") + quantize_isa_name(isa) +
-                    " is not available on this CPU or in this build; use 'generic' or 'auto'");
-    g_forced_isa.store(static_cast<int>(isa), std::memory_order_relaxed);
-}
-
-QuantIsa active_quantize_isa() { return current_isa(); }
-
-const char* quantize_isa_name(QuantIsa isa) {
-    switch (isa) {
-        case QuantIsa::Auto: return "auto";
-        case QuantIsa::Generic: return "generic";
-        case QuantIsa::AVX2: return "avx2";
-        case QuantIsa::AVX512: return "avx512";
-    }
-    return "unknown";
-}
-
 // ---- quantize / dequantize -------------------------------------------------------------------------
 
 void quantize(QType t, const float* src, void* dst, int64_t n_rows, int64_t n_per_row, int n_threads) {
@@ -324,38 +216,18 @@ void quantize(QType t, const float* src, void* dst, int64_t n_rows, int64_t n_pe
                     "'s block size " + std::to_string(tt.block_size) + "; pad the last axis");
     if (n_rows != 0 && n_per_row > INT64_MAX / n_rows) throw Error("quantize: tensor too large");
     const int64_t n = n_rows * n_per_row;
-    // Rows are contiguous and whole blocks, so the tensor is one flat run of n / block_size blocks.
-    switch (t) {
-        case QType::F32: {
-            auto* y = static_cast<float*>(dst);
-            parallel_units(n, 1, n_threads, [&](int64_t b, int64_t e) { std::memcpy(y + b, src + b, (e - b) * 4); });
-            return;
-        }
-        case QType::F16: {
-            auto* y = static_cast<uint16_t*>(dst);
-            parallel_units(n, 1, n_threads, [&](int64_t b, int64_t e) {
-                for (int64_t i = b; i < e; ++i) y[i] = fp32_to_fp16(src[i]);
-            });
-            return;
-        }
-        case QType::BF16: {
-            auto* y = static_cast<uint16_t*>(dst);
-            parallel_units(n, 1, n_threads, [&](int64_t b, int64_t e) {
-                for (int64_t i = b; i < e; ++i) y[i] = fp32_to_bf16(src[i]);
-            });
-            return;
-        }
-        case QType::NF4_DQ:
-            quantize_nf4_dq_ref(src, static_cast<uint8_t*>(dst), n);
-            return;
-        default:
-            break;
+    if (tt.tensor_level) {  // one layout for the whole tensor (NF4_DQ): not split
+        tt.from_float_ref(src, dst, n);
+        return;
     }
-    const QuantIsa isa = current_isa();
+    // Rows are contiguous and whole blocks, so the tensor is one flat run of n / block_size blocks; the active
+    // kernel table's row quantizer (bit-exact with the reference) where it has one.
+    const cpu::TypeOps& ops = cpu::type_ops(t);
+    void (*row)(const float*, void*, int64_t) = ops.quantize_row ? ops.quantize_row : tt.from_float_ref;
     const int64_t bs = tt.block_size;
     auto* out = static_cast<uint8_t*>(dst);
     parallel_units(n / bs, bs, n_threads, [&](int64_t b, int64_t e) {
-        quantize_blocks(t, isa, src + b * bs, out + b * tt.type_size, e - b);
+        row(src + b * bs, out + b * tt.type_size, (e - b) * bs);
     });
 }
 
@@ -375,37 +247,14 @@ void dequantize(QType t, const void* src, float* dst, int64_t n_elements, int n_
         dequantize(t, copy.data(), dst, n_elements, n_threads);
         return;
     }
-    const int64_t n = n_elements;
-    switch (t) {
-        case QType::F32: {
-            auto* x = static_cast<const float*>(src);
-            parallel_units(n, 1, n_threads, [&](int64_t b, int64_t e) { std::memcpy(dst + b, x + b, (e - b) * 4); });
-            return;
-        }
-        case QType::F16: {
-            auto* x = static_cast<const uint16_t*>(src);
-            parallel_units(n, 1, n_threads, [&](int64_t b, int64_t e) {
-                for (int64_t i = b; i < e; ++i) dst[i] = fp16_to_fp32(x[i]);
-            });
-            return;
-        }
-        case QType::BF16: {
-            auto* x = static_cast<const uint16_t*>(src);
-            parallel_units(n, 1, n_threads, [&](int64_t b, int64_t e) {
-                for (int64_t i = b; i < e; ++i) dst[i] = bf16_to_fp32(x[i]);
-            });
-            return;
-        }
-        case QType::NF4_DQ:
-            dequantize_nf4_dq(static_cast<const uint8_t*>(src), dst, n);
-            return;
-        default:
-            break;
+    if (tt.tensor_level) {
+        tt.to_float(src, dst, n_elements);
+        return;
     }
     const int64_t bs = tt.block_size;
     auto* in = static_cast<const uint8_t*>(src);
-    parallel_units(n / bs, bs, n_threads, [&](int64_t b, int64_t e) {
-        dequantize_blocks(t, in + b * tt.type_size, dst + b * bs, e - b);
+    parallel_units(n_elements / bs, bs, n_threads, [&](int64_t b, int64_t e) {
+        tt.to_float(in + b * tt.type_size, dst + b * bs, (e - b) * bs);
     });
 }
 

@@ -46,22 +46,16 @@ lowbit::QType qtype_from(const py::object& t) {
     const uint32_t id = py::int_(t).cast<uint32_t>();
     const auto q = static_cast<lowbit::QType>(id);
     if (!cpu::matmul_supported(q)) {
-        throw Error("type id " + std::to_string(id) + " has no CPU matmul kernel (F32, F16, BF16, Q4_0, Q4_1, Q8_0, NF4)");
+        const lowbit::TypeTraits* tt = lowbit::type_traits(id);
+        throw Error(std::string("type ") + (tt ? tt->name : "id " + std::to_string(id)) + " has no CPU matmul kernel");
     }
     return q;
 }
 
+// Bytes of one row of whole blocks (a k that is not a multiple of the block is refused by matmul itself).
 size_t weight_row_bytes(lowbit::QType t, int64_t k) {
-    switch (t) {
-        case lowbit::QType::F32: return static_cast<size_t>(k) * 4;
-        case lowbit::QType::F16:
-        case lowbit::QType::BF16: return static_cast<size_t>(k) * 2;
-        case lowbit::QType::Q4_0: return static_cast<size_t>(k / 32) * sizeof(block_q4_0);
-        case lowbit::QType::Q4_1: return static_cast<size_t>(k / 32) * sizeof(block_q4_1);
-        case lowbit::QType::Q8_0: return static_cast<size_t>(k / 32) * sizeof(block_q8_0);
-        case lowbit::QType::NF4: return static_cast<size_t>(k / 64) * sizeof(block_nf4);
-        default: throw Error("no row size for this type");
-    }
+    const lowbit::TypeTraits& tt = lowbit::supported_traits(t);
+    return static_cast<size_t>(k / tt.block_size) * tt.type_size;
 }
 
 py::tuple quantize_act(const FloatArray& x) {
@@ -196,6 +190,21 @@ void bind_kernels(py::module_& m) {
         return out;
     }, "Names of the CPU kernel tables this build and CPU can run.");
     m.def("compiled_isas", [] { return std::string(cpu::compiled_isas()); }, "ISAs compiled into this build.");
+    m.def(
+        "type_kernels",
+        [] {
+            // Per computable type: (name, ISA of the dot kernel, ISA of the row quantizer, has a panel kernel,
+            // has a prompt GEMM), for the active table; "generic" marks a fallback.
+            std::vector<py::tuple> out;
+            const cpu::Kernels& kt = cpu::kernels();
+#define LOWBIT_X(NAME, lc, id, bs, ts, kind)                                                                \
+    out.push_back(py::make_tuple(#NAME, cpu::dot_isa(lowbit::QType::NAME), cpu::quantize_isa(lowbit::QType::NAME), \
+                                 kt.at(lowbit::QType::NAME).panel != nullptr, kt.at(lowbit::QType::NAME).gemm != nullptr));
+            LOWBIT_QTYPES(LOWBIT_X)
+#undef LOWBIT_X
+            return out;
+        },
+        "Per type: (name, dot kernel ISA, quantizer ISA, has panel kernel, has prompt GEMM) in the active table.");
     m.def("set_isa", [](const std::string& name) { cpu::set_isa(isa_from_name(name)); },
           "Force a kernel table (tests, benchmarks).", py::arg("name"));
     m.def("reset_isa", &cpu::reset_isa, "Back to LOWBIT_ISA or the best table for this CPU.");

@@ -77,27 +77,6 @@ py::object type_info_py(uint32_t id) {
     return py::make_tuple(t->id, t->name, t->block_size, t->type_size, t->is_quantized, t->supported, t->tensor_level);
 }
 
-lowbit::QuantIsa isa_from_name(const std::string& name) {
-    if (name == "auto") return lowbit::QuantIsa::Auto;
-    if (name == "generic") return lowbit::QuantIsa::Generic;
-    if (name == "avx2") return lowbit::QuantIsa::AVX2;
-    if (name == "avx512") return lowbit::QuantIsa::AVX512;
-    throw Error("unknown quantizer ISA '" + name + "'; use auto, generic, avx2 or avx512");
-}
-
-bool isa_available(const std::string& name) {
-    const lowbit::QuantIsa want = isa_from_name(name);
-    if (want == lowbit::QuantIsa::Auto || want == lowbit::QuantIsa::Generic) return true;
-#if defined(LOWBIT_HAVE_AVX2) && (defined(__x86_64__) || defined(__i386__))
-    if (want == lowbit::QuantIsa::AVX2)
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
-#else
-    return false;
-#endif
-}
-
 }  // namespace
 
 void bind_quants(py::module_& m) {
@@ -133,13 +112,15 @@ void bind_quants(py::module_& m) {
         },
         py::arg("qtype"), py::arg("n"), "Bytes of a whole tensor of n elements (any known type id).");
     m.def(
-        "set_quantize_isa", [](const std::string& name) { lowbit::set_quantize_isa(isa_from_name(name)); },
-        py::arg("isa"), "Force the quantizer implementation: auto, generic, avx2 or avx512 (bit-identical results).");
-    m.def(
-        "quantize_isa", [] { return std::string(lowbit::quantize_isa_name(lowbit::active_quantize_isa())); },
-        "The quantizer implementation in use.");
-    m.def("quantize_isa_available", &isa_available, py::arg("isa"),
-          "Whether this CPU can run the quantizer ISA (and it is compiled in).");
+        "qtypes",
+        [] {
+            std::vector<py::tuple> out;
+#define LOWBIT_X(NAME, lc, id, bs, ts, kind) out.push_back(py::make_tuple(#NAME, id));
+            LOWBIT_QTYPES(LOWBIT_X)
+#undef LOWBIT_X
+            return out;
+        },
+        "The registry (lowbit/qtypes.def): (name, id) of every type lowbit computes with, in registry order.");
     m.def(
         "nf4_codes", [] { return std::vector<float>(lowbit::kNF4Codes, lowbit::kNF4Codes + 16); },
         "The 16 NF4 code values (bitsandbytes get_4bit_type('nf4')).");

@@ -29,17 +29,12 @@ __all__ = [
 ]
 
 
-class QType(enum.IntEnum):
-    """Tensor types lowbit computes with. Ids are ggml's; NF4/NF4_DQ are private (>= 1024)."""
+class _QTypeBase(enum.IntEnum):
+    """Tensor types lowbit computes with. Ids are ggml's; NF4/NF4_DQ/FP4 are private (>= 1024).
 
-    F32 = 0
-    F16 = 1
-    Q4_0 = 2
-    Q4_1 = 3
-    Q8_0 = 8
-    BF16 = 30
-    NF4 = 1024
-    NF4_DQ = 1025
+    The members come from the core's registry (cpp/include/lowbit/qtypes.def), so a type added there
+    appears here, in the CLI's choices and in the tests' type lists without another edit.
+    """
 
     @property
     def block_size(self) -> int:
@@ -57,13 +52,35 @@ class QType(enum.IntEnum):
 
     @classmethod
     def from_name(cls, name: str) -> "QType":
-        """QType.from_name("q4_0") -> QType.Q4_0 (case-insensitive)."""
+        """QType.from_name("q4_k") -> QType.Q4_K (case-insensitive)."""
         key = name.strip().upper()
         try:
             return cls[key]
         except KeyError:
             choices = ", ".join(m.name.lower() for m in cls)
             raise LowbitError(f"unknown quant type {name!r}; choose one of {choices}") from None
+
+    @classmethod
+    def parse(cls, qtype: "QType | int | str") -> "QType":
+        """The one parser of tensor types: a QType, its id, or its name (any case)."""
+        if isinstance(qtype, cls):
+            return qtype
+        if isinstance(qtype, str):
+            return cls.from_name(qtype)
+        if isinstance(qtype, bool) or not isinstance(qtype, (int, np.integer)):
+            raise LowbitError(f"a tensor type is a lowbit.QType, a type id or a name, not {qtype!r}")
+        try:
+            return cls(int(qtype))
+        except ValueError:
+            info = _core._type_info(int(qtype))
+            what = f"ggml type {info[1]} (id {int(qtype)})" if info else f"type id {int(qtype)}"
+            raise LowbitError(
+                f"{what} is not one lowbit computes with; use one of " + ", ".join(m.name for m in cls)
+            ) from None
+
+
+QType = _QTypeBase("QType", [(name, int(tid)) for name, tid in _core.qtypes()], module=__name__)
+QType.__qualname__ = "QType"
 
 
 @dataclass(frozen=True)
@@ -93,15 +110,7 @@ def all_type_infos() -> list[TypeInfo]:
 
 
 def _qtype(qtype: QType | int | str) -> QType:
-    if isinstance(qtype, str):
-        return QType.from_name(qtype)
-    try:
-        return QType(int(qtype))
-    except ValueError:
-        raise LowbitError(
-            f"type id {int(qtype)} is not one lowbit quantizes; use one of "
-            + ", ".join(m.name for m in QType)
-        ) from None
+    return QType.parse(qtype)
 
 
 def row_size(qtype: QType | int | str, n: int) -> int:
@@ -111,7 +120,7 @@ def row_size(qtype: QType | int | str, n: int) -> int:
 
 def tensor_nbytes(qtype: QType | int, n: int) -> int:
     """Bytes of a whole tensor of n elements; works for every known type id, NF4_DQ included."""
-    qid = int(QType.from_name(qtype)) if isinstance(qtype, str) else int(qtype)
+    qid = int(QType.parse(qtype)) if isinstance(qtype, str) else int(qtype)
     return int(_core.tensor_nbytes(qid, int(n)))
 
 
@@ -158,17 +167,24 @@ def dequantize(data: np.ndarray | bytes, qtype: QType | int | str, shape: Sequen
 
 
 def set_quantize_isa(isa: str) -> None:
-    """Force the quantizer implementation ("auto", "generic", "avx2", "avx512"); all are bit-identical."""
-    _core.set_quantize_isa(isa)
+    """Force the CPU kernel table ("auto", "generic", "avx2", "avx512", "neon"), quantizers included.
+
+    Quantizers and kernels share one dispatcher (LOWBIT_ISA); every ISA's quantizer is bit-identical to
+    the reference. Same as lowbit.set_isa; "auto" goes back to the default.
+    """
+    if isa == "auto":
+        _core.reset_isa()
+    else:
+        _core.set_isa(isa)
 
 
 def quantize_isa() -> str:
-    """The quantizer implementation in use."""
-    return str(_core.quantize_isa())
+    """The kernel table in use (its quantizers; per-type fallbacks: lowbit.type_kernels())."""
+    return str(_core.active_isa())
 
 
 def quantize_isa_available(isa: str) -> bool:
-    return bool(_core.quantize_isa_available(isa))
+    return isa == "auto" or isa in _core.kernels_available()
 
 
 def nf4_codes() -> np.ndarray:

@@ -16,6 +16,7 @@
 #include "../fuzz/gguf_walk.h"
 #include "test_util.h"
 #include "lowbit/gguf.h"
+#include "lowbit/kernels.h"
 #include "lowbit/types.h"
 
 using lowbit::GGUFType;
@@ -442,6 +443,7 @@ float randn(std::mt19937& rng) {
 
 void quant_round_trip() {
     using lowbit::QType;
+    namespace cpu = lowbit::cpu;
     std::mt19937 rng(5);
     const int64_t rows = 3, k = 256;  // (rows, k); k covers 8 Q blocks and 4 NF4 blocks per row
     std::vector<float> x(rows * k);
@@ -496,19 +498,15 @@ void quant_round_trip() {
         }
         ++g_checks;
         // Every ISA's quantizer is bit-exact with the generic reference.
-        if (t == QType::Q8_0 || t == QType::Q4_0 || t == QType::Q4_1 || t == QType::NF4) {
-            for (lowbit::QuantIsa isa : {lowbit::QuantIsa::AVX2, lowbit::QuantIsa::AVX512}) {
-                try {
-                    lowbit::set_quantize_isa(lowbit::QuantIsa::Generic);
-                    lowbit::quantize(t, x.data(), q1.data(), rows, k, 1);
-                    lowbit::set_quantize_isa(isa);
-                    lowbit::quantize(t, x.data(), q2.data(), rows, k, 1);
-                    check(q1 == q2, std::string(tr.name) + ": " + lowbit::quantize_isa_name(isa) +
-                                        " quantizer equals the reference");
-                } catch (const lowbit::Error&) {
-                    // This CPU or build cannot run that ISA.
-                }
-                lowbit::set_quantize_isa(lowbit::QuantIsa::Auto);
+        if (tr.is_quantized && !tr.tensor_level) {
+            for (cpu::Isa isa : {cpu::Isa::AVX2, cpu::Isa::AVX512, cpu::Isa::NEON}) {
+                if (cpu::kernels_for(isa) == nullptr) continue;  // this CPU or build cannot run that ISA
+                cpu::set_isa(cpu::Isa::Generic);
+                lowbit::quantize(t, x.data(), q1.data(), rows, k, 1);
+                cpu::set_isa(isa);
+                lowbit::quantize(t, x.data(), q2.data(), rows, k, 1);
+                check(q1 == q2, std::string(tr.name) + ": " + cpu::isa_name(isa) + " quantizer equals the reference");
+                cpu::reset_isa();
             }
         }
         // Dequantizing arbitrary bytes never reads or writes out of bounds (ASan checks).

@@ -40,38 +40,37 @@ using GemmPanelFn = void (*)(int64_t k, const void* w, size_t w_stride, int nrow
 using PanelFn = void (*)(int64_t k, const void* panels, int64_t n_panels, const void* x, size_t x_stride,
                          int64_t n_tok, float* y, size_t y_stride);
 
+// What one ISA does with one tensor type. Every field may be nullptr: the dispatcher (type_ops) then takes
+// the generic table's entry for `dot` and `quantize_row`; gemm and panel stay absent (the matmul driver
+// multiplies the rows with the dot tiles instead).
+struct TypeOps {
+    DotTileFn dot = nullptr;              // tiles of rows x activation columns
+    GemmPanelFn gemm = nullptr;           // prompt GEMM on the file's rows, per 16-row panel
+    PanelFn panel = nullptr;              // matmul on load-time panels (repack_panels)
+    // Row quantizer bit-exact with the type's reference (TypeTraits::from_float_ref), n a multiple of the block.
+    void (*quantize_row)(const float* x, void* y, int64_t n) = nullptr;
+};
+
 struct Kernels {
     Isa isa;
     const char* name;
     // x (k floats, k % 32 == 0) -> k / 32 activation blocks.
     void (*quantize_act)(const float* x, block_q8_act* y, int64_t k);
-    DotTileFn dot_q4_0;
-    DotTileFn dot_q4_1;
-    DotTileFn dot_q8_0;
-    DotTileFn dot_nf4;
-    DotTileFn dot_f16;
-    DotTileFn dot_bf16;
-    DotTileFn dot_f32;
     // Layer ops (float, n elements).
     void (*rmsnorm)(float* out, const float* x, const float* weight, int64_t n, float eps);
     void (*silu_mul)(float* out, const float* gate, const float* up, int64_t n);  // silu(gate) * up
     float (*dot_f32_f32)(const float* a, const float* b, int64_t n);               // attention scores
     void (*axpy_f32)(float* y, float a, const float* x, int64_t n);                  // y += a * x
-    // Optional prompt GEMM per block type (nullptr: the driver uses the dot tiles).
-    GemmPanelFn gemm_q4_0 = nullptr;
-    GemmPanelFn gemm_q4_1 = nullptr;
-    GemmPanelFn gemm_q8_0 = nullptr;
-    GemmPanelFn gemm_nf4 = nullptr;
-    // Optional kernels over load-time panels (nullptr: callers use the original rows).
-    PanelFn panel_q4_0 = nullptr;
-    PanelFn panel_q4_1 = nullptr;
-    PanelFn panel_q8_0 = nullptr;
-    PanelFn panel_nf4 = nullptr;
     // Optional attention helpers (nullptr: the caller's scalar loop).
     // s[i] = exp(s[i] - sub) for n floats; returns their sum. Within 2 ulp of std::exp for s - sub <= 0
     // (inputs below -87 give about 1e-38 instead of a smaller number).
     float (*exp_sub_sum)(float* s, int64_t n, float sub) = nullptr;
     void (*axpy_f16)(float* y, float a, const uint16_t* x, int64_t n) = nullptr;  // y += a * fp16 x
+    // Per tensor type, indexed by qtype_index (registry order, lowbit/qtypes.def).
+    TypeOps ops[kNumQTypes] = {};
+
+    constexpr TypeOps& at(QType t) { return ops[qtype_index(t)]; }
+    constexpr const TypeOps& at(QType t) const { return ops[qtype_index(t)]; }
 };
 
 // Table for one ISA, or nullptr when it was not compiled in or this CPU (and OS) cannot run it.
@@ -83,6 +82,14 @@ const Kernels& kernels();
 void set_isa(Isa isa);
 // Names of the ISAs compiled into this build, and of those this CPU can run.
 const char* compiled_isas();
+
+// The one dispatcher: the active table's entry for t, with `dot` and `quantize_row` taken from the generic
+// table where the active ISA has none (gemm and panel are never borrowed). Throws Error for a type that is
+// not in the registry.
+const TypeOps& type_ops(QType t);
+// Name of the ISA whose kernel type_ops(t).dot / .quantize_row is ("avx512", or "generic" for a fallback).
+const char* dot_isa(QType t);
+const char* quantize_isa(QType t);
 
 // Does the matmul driver support this weight type?
 bool matmul_supported(QType t);

@@ -48,4 +48,8 @@ private:
     std::mutex error_mutex_;
 };
 
+// A process-wide pool of n_threads threads (<= 0: all hardware threads), created on first use and kept
+// for the life of the process: quantize()/dequantize() and the bindings' kernel entry points share them.
+ThreadPool& shared_thread_pool(int n_threads);
+
 }  // namespace lowbit

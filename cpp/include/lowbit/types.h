@@ -8,6 +8,7 @@
 #include <string>
 
 #include "lowbit/blocks.h"
+#include "lowbit/qtypes.def"
 
 namespace lowbit {
 
@@ -18,17 +19,35 @@ public:
 };
 
 // Type ids are ggml's where ggml has the type; private ids start at 1024 so llama.cpp refuses them.
-// Ids are never reused.
+// Ids are never reused. The rows are in lowbit/qtypes.def.
 enum class QType : uint32_t {
-    F32 = 0,
-    F16 = 1,
-    Q4_0 = 2,
-    Q4_1 = 3,
-    Q8_0 = 8,
-    BF16 = 30,
-    NF4 = 1024,     // bitsandbytes NF4, block 64, fp32 absmax per block
-    NF4_DQ = 1025,  // NF4 with double-quantized absmax (bitsandbytes compress_statistics); tensor-level layout
+#define LOWBIT_X(NAME, lc, id, bs, ts, kind) NAME = id,
+    LOWBIT_QTYPES(LOWBIT_X)
+#undef LOWBIT_X
 };
+
+// Dense index 0..kNumQTypes-1 of the types lowbit computes with, in registry order: the index of the
+// per-type entries of the kernel tables (cpu::Kernels::ops).
+enum class QTypeIndex : int {
+#define LOWBIT_X(NAME, lc, id, bs, ts, kind) NAME,
+    LOWBIT_QTYPES(LOWBIT_X)
+#undef LOWBIT_X
+    kCount
+};
+constexpr int kNumQTypes = static_cast<int>(QTypeIndex::kCount);
+// -1 for an id that is not in LOWBIT_QTYPES.
+constexpr int qtype_index(QType t) {
+    switch (t) {
+#define LOWBIT_X(NAME, lc, id, bs, ts, kind) \
+    case QType::NAME:                        \
+        return static_cast<int>(QTypeIndex::NAME);
+        LOWBIT_QTYPES(LOWBIT_X)
+#undef LOWBIT_X
+    }
+    return -1;
+}
+
+enum class TypeKind : uint8_t { FLOAT, BLOCK, TENSOR };
 
 struct TypeTraits {
     uint32_t id;
@@ -38,6 +57,10 @@ struct TypeTraits {
     bool is_quantized;
     bool supported;         // lowbit can quantize/dequantize/compute it (false: known ggml type, parsed only)
     bool tensor_level;      // layout is not a plain array of blocks (NF4_DQ)
+    // Reference converters of a whole run of n elements (n a multiple of block_size); nullptr when not
+    // supported. from_float_ref is the scalar oracle; quantize() may use an ISA's bit-exact row quantizer.
+    void (*to_float)(const void* src, float* dst, int64_t n);
+    void (*from_float_ref)(const float* src, void* dst, int64_t n);
 };
 
 // Traits for any ggml or lowbit type id, or nullptr for an unknown id.
@@ -88,6 +111,38 @@ void dequantize_row_q4_1(const block_q4_1* x, float* y, int64_t k);
 void dequantize_row_q8_0(const block_q8_0* x, float* y, int64_t k);
 void dequantize_row_nf4(const block_nf4* x, float* y, int64_t k);
 
+// The types added with the K-quants (spec/quant-types.md). quantize_row_*_ref are bit-exact with
+// llama.cpp's quantize_row_*_ref (the path llama-quantize takes without an importance matrix); IQ4_NL
+// and IQ4_XS have no such reference path, their quantizers are lowbit's own (exact reading is what matters).
+// k is a multiple of the block size (32 for Q5_0/Q5_1/IQ4_NL, 64 for FP4, QK_K = 256 for the K types).
+void quantize_row_q5_0_ref(const float* x, block_q5_0* y, int64_t k);
+void quantize_row_q5_1_ref(const float* x, block_q5_1* y, int64_t k);
+void quantize_row_iq4_nl_ref(const float* x, block_iq4_nl* y, int64_t k);
+void quantize_row_iq4_xs_ref(const float* x, block_iq4_xs* y, int64_t k);
+void quantize_row_fp4_ref(const float* x, block_fp4* y, int64_t k);
+void quantize_row_q2_K_ref(const float* x, block_q2_K* y, int64_t k);
+void quantize_row_q3_K_ref(const float* x, block_q3_K* y, int64_t k);
+void quantize_row_q4_K_ref(const float* x, block_q4_K* y, int64_t k);
+void quantize_row_q5_K_ref(const float* x, block_q5_K* y, int64_t k);
+void quantize_row_q6_K_ref(const float* x, block_q6_K* y, int64_t k);
+void quantize_row_q8_K_ref(const float* x, block_q8_K* y, int64_t k);
+void dequantize_row_q5_0(const block_q5_0* x, float* y, int64_t k);
+void dequantize_row_q5_1(const block_q5_1* x, float* y, int64_t k);
+void dequantize_row_iq4_nl(const block_iq4_nl* x, float* y, int64_t k);
+void dequantize_row_iq4_xs(const block_iq4_xs* x, float* y, int64_t k);
+void dequantize_row_fp4(const block_fp4* x, float* y, int64_t k);
+void dequantize_row_q2_K(const block_q2_K* x, float* y, int64_t k);
+void dequantize_row_q3_K(const block_q3_K* x, float* y, int64_t k);
+void dequantize_row_q4_K(const block_q4_K* x, float* y, int64_t k);
+void dequantize_row_q5_K(const block_q5_K* x, float* y, int64_t k);
+void dequantize_row_q6_K(const block_q6_K* x, float* y, int64_t k);
+void dequantize_row_q8_K(const block_q8_K* x, float* y, int64_t k);
+
+// IQ4_NL / IQ4_XS value table (llama.cpp's kvalues_iq4nl) and bitsandbytes' FP4 code book
+// (get_4bit_type("fp4"), index order as bitsandbytes stores it).
+extern const int8_t kIQ4NLValues[16];
+extern const float kFP4Codes[16];
+
 // NF4_DQ, tensor-level layout for n elements (n % 64 == 0), nb = n / 64 blocks, ng = ceil(nb / 256):
 //   float offset; float absmax2[ng]; uint8 qabsmax[nb]; uint8 qs[nb * 32]
 size_t nf4_dq_nbytes(int64_t n);
@@ -98,27 +153,7 @@ void nf4_dq_to_nf4(const uint8_t* src, block_nf4* dst, int64_t n);
 
 }  // namespace lowbit
 
-// ---- quants owner additions
 namespace lowbit {
-
-// Which quantizer implementation quantize() uses for Q4_0/Q4_1/Q8_0/NF4 rows. All are bit-exact with
-// the *_ref functions; the choice exists so tests and benchmarks can compare them.
-// Auto: LOWBIT_QUANT_ISA (generic|avx2|avx512) if set, else the best this CPU runs.
-enum class QuantIsa : int { Auto = -1, Generic = 0, AVX2 = 1, AVX512 = 2 };
-// Force an implementation (throws Error when this CPU or build cannot run it); Auto restores the default.
-void set_quantize_isa(QuantIsa isa);
-// The implementation quantize() uses now.
-QuantIsa active_quantize_isa();
-const char* quantize_isa_name(QuantIsa isa);
-
-// Bit-exact fast row quantizers (k a multiple of 32), compiled with their ISA's flags; call only
-// after checking that the CPU supports the ISA (set_quantize_isa / active_quantize_isa do that).
-void quantize_row_q4_0_avx2(const float* x, block_q4_0* y, int64_t k);
-void quantize_row_q4_1_avx2(const float* x, block_q4_1* y, int64_t k);
-void quantize_row_q8_0_avx2(const float* x, block_q8_0* y, int64_t k);
-void quantize_row_q4_0_avx512(const float* x, block_q4_0* y, int64_t k);
-void quantize_row_q4_1_avx512(const float* x, block_q4_1* y, int64_t k);
-void quantize_row_q8_0_avx512(const float* x, block_q8_0* y, int64_t k);
 
 // The 8-bit signed dynamic code book of bitsandbytes (create_dynamic_map(signed=True)), used for the
 // NF4_DQ nested absmax; ascending.

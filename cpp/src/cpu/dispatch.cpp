@@ -1,5 +1,9 @@
 // Run-time choice of the CPU kernel table: cpuid + OS register-state checks, LOWBIT_ISA override, set_isa.
 #include <atomic>
+#include <cstddef>
+#include <memory>
+#include <utility>
+#include <vector>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -102,7 +106,8 @@ bool can_run(Isa isa, bool* variant) {
     return false;
 }
 
-const Kernels* table_for(Isa isa) {
+// A table as compiled in its ISA's file.
+const Kernels* raw_table_for(Isa isa) {
     bool variant = false;
     if (!can_run(isa, &variant)) return nullptr;
     switch (isa) {
@@ -111,7 +116,7 @@ const Kernels* table_for(Isa isa) {
         case Isa::AVX2: return avx2_kernels();
 #endif
 #ifdef LOWBIT_HAVE_AVX512
-        case Isa::AVX512: return avx512_kernels(variant);
+        case Isa::AVX512: return variant ? avx512vnni_kernels() : avx512_kernels();
 #endif
 #ifdef LOWBIT_HAVE_NEON
         case Isa::NEON: return neon_kernels(variant);
@@ -120,11 +125,68 @@ const Kernels* table_for(Isa isa) {
     }
 }
 
+// A table with the generic entries filled in where its ISA has no kernel for a type (TypeOps' rule), and the
+// name of the ISA each entry came from.
+struct MergedTable {
+    Kernels k;
+    const char* dot_isa[kNumQTypes];
+    const char* quantize_isa[kNumQTypes];
+};
+
+MergedTable merge(const Kernels& own, const Kernels& generic) {
+    MergedTable m{own, {}, {}};
+    for (int i = 0; i < kNumQTypes; ++i) {
+        TypeOps& o = m.k.ops[i];
+        m.dot_isa[i] = o.dot ? own.name : "generic";
+        if (!o.dot) o.dot = generic.ops[i].dot;
+        if (!o.dot) m.dot_isa[i] = "none";
+        m.quantize_isa[i] = o.quantize_row ? own.name : "generic";
+        if (!o.quantize_row && generic.ops[i].quantize_row) o.quantize_row = generic.ops[i].quantize_row;
+    }
+    return m;
+}
+
+const MergedTable* merged_for(const Kernels* raw) {
+    if (raw == nullptr) return nullptr;
+    // One merged copy per compiled table (at most a handful), built on first use and kept.
+    static std::mutex mu;
+    static std::vector<std::pair<const Kernels*, std::unique_ptr<MergedTable>>> cache;
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto& e : cache)
+        if (e.first == raw) return e.second.get();
+    cache.emplace_back(raw, std::make_unique<MergedTable>(merge(*raw, *generic_kernels())));
+    return cache.back().second.get();
+}
+
+const MergedTable* merged_table_for(Isa isa) { return merged_for(raw_table_for(isa)); }
+
+const Kernels* table_for(Isa isa) {
+    const MergedTable* m = merged_table_for(isa);
+    return m ? &m->k : nullptr;
+}
+
+const MergedTable& merged_of(const Kernels& k);
+
 const Kernels* best_available() {
     for (Isa isa : {Isa::AVX512, Isa::AVX2, Isa::NEON}) {
         if (const Kernels* k = table_for(isa)) return k;
     }
-    return generic_kernels();
+    return table_for(Isa::Generic);
+}
+
+// The merged table that holds k (k is always one of them: kernels() hands out merged tables only).
+const MergedTable& merged_of(const Kernels& k) {
+    static_assert(offsetof(MergedTable, k) == 0, "MergedTable must start with its Kernels");
+    return *reinterpret_cast<const MergedTable*>(&k);
+}
+
+int checked_index(QType t) {
+    const int i = qtype_index(t);
+    if (i < 0) {
+        throw Error("tensor type id " + std::to_string(static_cast<uint32_t>(t)) +
+                    " is not one lowbit computes with (lowbit/qtypes.def lists them)");
+    }
+    return i;
 }
 
 // The table chosen from LOWBIT_ISA (read once) or the CPU; set_isa replaces it.
@@ -176,6 +238,12 @@ void set_isa(Isa isa) {
 void reset_isa() { g_active.store(nullptr, std::memory_order_release); }
 
 const char* compiled_isas() { return LOWBIT_ISAS_BUILT; }
+
+const TypeOps& type_ops(QType t) { return kernels().ops[checked_index(t)]; }
+
+const char* dot_isa(QType t) { return merged_of(kernels()).dot_isa[checked_index(t)]; }
+
+const char* quantize_isa(QType t) { return merged_of(kernels()).quantize_isa[checked_index(t)]; }
 
 }  // namespace cpu
 }  // namespace lowbit

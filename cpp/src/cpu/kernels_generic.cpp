@@ -143,22 +143,20 @@ void axpy_f32_generic(float* y, float a, const float* x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-const Kernels kGeneric = {
-    Isa::Generic,
-    "generic",
-    quantize_act_generic,
-    dot_quant_generic<GenQ4_0>,
-    dot_quant_generic<GenQ4_1>,
-    dot_quant_generic<GenQ8_0>,
-    dot_quant_generic<GenNF4>,
-    dot_float_generic<uint16_t, half_to_float>,
-    dot_float_generic<uint16_t, bf16_to_float>,
-    dot_float_generic<float, load_f32>,
-    rmsnorm_generic,
-    silu_mul_generic,
-    dot_f32_f32_generic,
-    axpy_f32_generic,
-};
+constexpr Kernels make_generic_table() {
+    Kernels t{Isa::Generic, "generic", quantize_act_generic, rmsnorm_generic, silu_mul_generic, dot_f32_f32_generic,
+              axpy_f32_generic};
+    t.at(QType::Q4_0).dot = dot_quant_generic<GenQ4_0>;
+    t.at(QType::Q4_1).dot = dot_quant_generic<GenQ4_1>;
+    t.at(QType::Q8_0).dot = dot_quant_generic<GenQ8_0>;
+    t.at(QType::NF4).dot = dot_quant_generic<GenNF4>;
+    t.at(QType::F16).dot = dot_float_generic<uint16_t, half_to_float>;
+    t.at(QType::BF16).dot = dot_float_generic<uint16_t, bf16_to_float>;
+    t.at(QType::F32).dot = dot_float_generic<float, load_f32>;
+    return t;
+}
+
+const Kernels kGeneric = make_generic_table();
 
 }  // namespace
 

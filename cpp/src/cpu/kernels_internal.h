@@ -17,13 +17,19 @@ const Kernels* generic_kernels();
 const Kernels* avx2_kernels();
 #endif
 #ifdef LOWBIT_HAVE_AVX512
-// vnni: use vpdpbusd; otherwise the same kernels with the AVX2-style maddubs dot.
-const Kernels* avx512_kernels(bool vnni);
+const Kernels* avx512_kernels();      // AVX-512 F/BW/VL/DQ, maddubs dots (cpu/kernels_avx512.cpp)
+const Kernels* avx512vnni_kernels();  // + VNNI: vpdpbusd, prompt GEMM (cpu/kernels_avx512vnni.cpp)
 #endif
 #ifdef LOWBIT_HAVE_NEON
 // dotprod: use vdotq_s32 (ARMv8.2 dotprod); otherwise widening multiplies.
 const Kernels* neon_kernels(bool dotprod);
 #endif
+
+// A typed row function as TypeOps::quantize_row.
+template <class Block, void (*F)(const float*, Block*, int64_t)>
+void quantize_row_as(const float* x, void* y, int64_t k) {
+    F(x, static_cast<Block*>(y), k);
+}
 
 namespace detail {
 
@@ -85,4 +91,14 @@ static inline void quantize_act_block_ref(const float* x, block_q8_act* y) {
 
 }  // namespace detail
 }  // namespace cpu
+
+// Bit-exact SIMD row quantizers (k a multiple of 32), compiled with their ISA's flags
+// (cpu/quantize_avx2.cpp, cpu/quantize_avx512.cpp); reached through the kernel tables' TypeOps.
+void quantize_row_q4_0_avx2(const float* x, block_q4_0* y, int64_t k);
+void quantize_row_q4_1_avx2(const float* x, block_q4_1* y, int64_t k);
+void quantize_row_q8_0_avx2(const float* x, block_q8_0* y, int64_t k);
+void quantize_row_q4_0_avx512(const float* x, block_q4_0* y, int64_t k);
+void quantize_row_q4_1_avx512(const float* x, block_q4_1* y, int64_t k);
+void quantize_row_q8_0_avx512(const float* x, block_q8_0* y, int64_t k);
+
 }  // namespace lowbit

@@ -350,32 +350,23 @@ void panel_neon(int64_t k, const void* panels, int64_t n_panels, const void* x, 
 
 template <bool kDot>
 constexpr Kernels make_table() {
-    return Kernels{
-        Isa::NEON,
-        "neon",
-        quantize_act_neon,
-        dot_quant<FmtQ4_0, kDot>,
-        dot_quant<FmtQ4_1, kDot>,
-        dot_quant<FmtQ8_0, kDot>,
-        dot_quant<FmtNF4, kDot>,
-        dot_float<LoadF16>,
-        dot_float<LoadBF16>,
-        dot_float<LoadF32>,
-        rmsnorm_neon,
-        silu_mul_neon,
-        dot_f32_f32_neon,
-        axpy_f32_neon,
-        nullptr,  // per-call prompt GEMM
-        nullptr,
-        nullptr,
-        nullptr,
+    Kernels t{Isa::NEON, "neon", quantize_act_neon, rmsnorm_neon, silu_mul_neon, dot_f32_f32_neon, axpy_f32_neon};
+    t.at(QType::Q4_0).dot = dot_quant<FmtQ4_0, kDot>;
+    t.at(QType::Q4_1).dot = dot_quant<FmtQ4_1, kDot>;
+    t.at(QType::Q8_0).dot = dot_quant<FmtQ8_0, kDot>;
+    t.at(QType::NF4).dot = dot_quant<FmtNF4, kDot>;
+    t.at(QType::F16).dot = dot_float<LoadF16>;
+    t.at(QType::BF16).dot = dot_float<LoadBF16>;
+    t.at(QType::F32).dot = dot_float<LoadF32>;
 #if defined(__ARM_FEATURE_DOTPROD)
-        kDot ? panel_neon<kPQ4_0> : nullptr,
-        kDot ? panel_neon<kPQ4_1> : nullptr,
-        kDot ? panel_neon<kPQ8_0> : nullptr,
-        kDot ? panel_neon<kPNF4> : nullptr,
+    if (kDot) {  // load-time panels need sdot
+        t.at(QType::Q4_0).panel = panel_neon<kPQ4_0>;
+        t.at(QType::Q4_1).panel = panel_neon<kPQ4_1>;
+        t.at(QType::Q8_0).panel = panel_neon<kPQ8_0>;
+        t.at(QType::NF4).panel = panel_neon<kPNF4>;
+    }
 #endif
-    };
+    return t;
 }
 
 const Kernels kDotprod = make_table<true>();

@@ -12,45 +12,16 @@ namespace cpu {
 
 namespace {
 
+// Weights whose rows are dotted against quantized activations (block_q8_act), i.e. every block type.
 bool is_block_quantized(QType t) {
-    return t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q8_0 || t == QType::NF4;
+    const TypeTraits* tt = type_traits(static_cast<uint32_t>(t));
+    return tt != nullptr && tt->supported && tt->is_quantized && !tt->tensor_level;
 }
 
-DotTileFn tile_fn(const Kernels& kt, QType t) {
-    switch (t) {
-        case QType::Q4_0: return kt.dot_q4_0;
-        case QType::Q4_1: return kt.dot_q4_1;
-        case QType::Q8_0: return kt.dot_q8_0;
-        case QType::NF4: return kt.dot_nf4;
-        case QType::F16: return kt.dot_f16;
-        case QType::BF16: return kt.dot_bf16;
-        case QType::F32: return kt.dot_f32;
-        default: return nullptr;
-    }
-}
-
-GemmPanelFn gemm_fn(const Kernels& kt, QType t) {
-    switch (t) {
-        case QType::Q4_0: return kt.gemm_q4_0;
-        case QType::Q4_1: return kt.gemm_q4_1;
-        case QType::Q8_0: return kt.gemm_q8_0;
-        case QType::NF4: return kt.gemm_nf4;
-        default: return nullptr;
-    }
-}
+int64_t block_size(QType t) { return supported_traits(t).block_size; }
 
 // From this many tokens on, the panel GEMM (repack + 16-row dots) beats the 4 x 4 dot tiles.
 constexpr int64_t kGemmMinTokens = 8;
-
-int64_t block_size(QType t) {
-    switch (t) {
-        case QType::Q4_0:
-        case QType::Q4_1:
-        case QType::Q8_0: return 32;
-        case QType::NF4: return 64;
-        default: return 1;
-    }
-}
 
 // Output rows per work item. It depends on the shape only (never on the thread count), so every thread
 // count decomposes the output into the same tiles and produces bit-identical results.
@@ -112,7 +83,7 @@ void run_items(ThreadPool& pool, int64_t n_items, Fn item) {
 
 }  // namespace
 
-bool matmul_supported(QType t) { return tile_fn(*generic_kernels(), t) != nullptr; }
+bool matmul_supported(QType t) { return qtype_index(t) >= 0 && generic_kernels()->at(t).dot != nullptr; }
 
 size_t act_scratch_bytes(QType wt, int64_t k, int64_t n_tok) {
     if (!is_block_quantized(wt)) return 0;
@@ -122,9 +93,10 @@ size_t act_scratch_bytes(QType wt, int64_t k, int64_t n_tok) {
 void matmul(QType wt, const void* w, size_t w_row_bytes, int64_t n_out, int64_t k, const float* x,
             int64_t n_tok, float* y, void* scratch, ThreadPool& pool) {
     if (!matmul_supported(wt)) {
-        throw Error("matmul: weight type id " + std::to_string(static_cast<uint32_t>(wt)) +
-                    " has no CPU kernel (supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0, NF4; expand NF4_DQ with "
-                    "nf4_dq_to_nf4 first)");
+        const TypeTraits* tt = type_traits(static_cast<uint32_t>(wt));
+        throw Error(std::string("matmul: weight type ") +
+                    (tt ? tt->name : "id " + std::to_string(static_cast<uint32_t>(wt))) +
+                    " has no CPU kernel (NF4_DQ: expand it with nf4_dq_to_nf4 first)");
     }
     if (n_out <= 0 || n_tok <= 0 || k <= 0) {
         if (n_out < 0 || n_tok < 0 || k < 0) throw Error("matmul: negative dimension");
@@ -135,7 +107,7 @@ void matmul(QType wt, const void* w, size_t w_row_bytes, int64_t n_out, int64_t 
                     std::to_string(block_size(wt)));
     }
     const Kernels& kt = kernels();
-    const DotTileFn fn = tile_fn(kt, wt);
+    const DotTileFn fn = kt.at(wt).dot;
 
     const void* xs = x;
     size_t x_stride = static_cast<size_t>(k) * sizeof(float);
@@ -144,7 +116,7 @@ void matmul(QType wt, const void* w, size_t w_row_bytes, int64_t n_out, int64_t 
         x_stride = static_cast<size_t>(k / 32) * sizeof(block_q8_act);
     }
 
-    const GemmPanelFn gemm = n_tok >= kGemmMinTokens ? gemm_fn(kt, wt) : nullptr;
+    const GemmPanelFn gemm = n_tok >= kGemmMinTokens ? kt.at(wt).gemm : nullptr;
     if (gemm) {
         // One work item per panel of kPanelRows rows; each repacks its panel once for all tokens.
         run_items(pool, (n_out + kPanelRows - 1) / kPanelRows, [&](int64_t pi) {
@@ -317,15 +289,7 @@ void panel_row(QType t, const void* panels, int64_t n_out, int64_t k, int64_t ro
 
 namespace {
 
-PanelFn panel_fn(const Kernels& kt, QType t) {
-    switch (t) {
-        case QType::Q4_0: return kt.panel_q4_0;
-        case QType::Q4_1: return kt.panel_q4_1;
-        case QType::Q8_0: return kt.panel_q8_0;
-        case QType::NF4: return kt.panel_nf4;
-        default: return nullptr;
-    }
-}
+PanelFn panel_fn(const Kernels& kt, QType t) { return qtype_index(t) >= 0 ? kt.at(t).panel : nullptr; }
 
 }  // namespace
 

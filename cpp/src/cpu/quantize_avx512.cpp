@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "lowbit/types.h"
+#include "cpu/kernels_internal.h"
 
 // The reference rounds every product and sum on its own; a fused multiply-add would change ties.
 #if defined(__clang__)
