@@ -7,8 +7,9 @@
 // of Q2_K/Q3_K/Q6_K cost nothing extra. Weights with an offset (Q5_0: q - 16, Q3_K: q - 4, Q6_K: q - 32)
 // are fed unsigned and vpmaddubsw(offset, x) is subtracted in int16; table types (IQ4_NL, IQ4_XS, FP4) are
 // signed and use the sign trick |w| * sign(x, w). The int32 lanes go to float once per activation block
-// (times x.d); the weight block's scales are applied once per weight block, as in dot_more_generic.cpp,
-// whose sums these kernels reproduce up to float rounding.
+// (times x.d) and the super-block scales are applied once per super-block, as in dot_more_generic.cpp,
+// whose sums these kernels reproduce up to float rounding; the 32-element types take d * x.d in one
+// multiply-add.
 //
 // Decode calls these with one row and one column, so the float sums are split into two independent
 // chains (within a super-block, and across weight blocks) to keep the FMA latency off the critical path.
@@ -55,8 +56,8 @@ inline __m256i fifth_bits(const uint8_t* qh_bytes) {
     return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), bytes(0x10));
 }
 
-// Bit `from` of every byte moved to bit `to` (other bits garbage; the caller masks). 16-bit shifts move
-// bits across byte borders only outside the bit positions kept by the mask.
+// Every byte's bits shifted so that bit `from` lands on bit `to` (the caller masks the bits it keeps).
+// The 16-bit shifts carry bits across byte borders only into positions the masks drop.
 inline __m256i move_bit(__m256i v, int from, int to) {
     if (from > to) return _mm256_srli_epi16(v, from - to);
     if (from < to) return _mm256_slli_epi16(v, to - from);
@@ -317,7 +318,7 @@ struct AvxQ3_K {  // d * (sc - 32) * (q - 4 * !hbit), per 16
         st.d = half_f32(b.d);
     }
     // Block j = 4n + s: low 2 bits in bits 2s..2s+1 of qs[32n + l], high bit = bit j of hmask[l]; the
-    // unsigned weight is low | hbit << 2 (0..7), the value that minus 4.
+    // unsigned weight is low | hbit << 2 (0..7), the value is that minus 4.
     static inline __m256i weights(const Block& b, const State& st, int j) {
         const int n = j / 4, s = j % 4;
         const __m256i low = _mm256_and_si256(_mm256_srli_epi16(load256(b.qs + 32 * n), 2 * s), bytes(0x03));
@@ -365,30 +366,35 @@ inline void block_avx2(const typename F::Block& blk, const block_q8_act* const* 
     constexpr int kSub = F::kElems / 32;  // activation blocks per weight block
     typename F::State st;
     F::prepare(blk, st);
-    // Two chains per sum (even and odd activation blocks), started afresh in every weight block.
-    __m256 part[NC][2], partm[NC][2];
-    float ms[NC][2];
-#pragma GCC unroll 8
-    for (int j = 0; j < kSub; ++j) {
-        const __m256i wj = F::weights(blk, st, j);
+    if constexpr (kSub == 1) {  // one scale per activation block: a single multiply-add with d * x.d
+        const __m256i w0 = F::weights(blk, st, 0);
         for (int c = 0; c < NC; ++c) {
-            const block_q8_act& xa = x[c][j];
-            const __m256i xv = load256(xa.qs);
-            const __m256 dx = _mm256_set1_ps(xa.d);
-            const __m256 f = _mm256_cvtepi32_ps(F::idot(st, j, wj, xv));
-            part[c][j & 1] = j < 2 ? _mm256_mul_ps(f, dx) : _mm256_fmadd_ps(f, dx, part[c][j & 1]);
-            if constexpr (F::kMin16) {
-                const __m256 fm = _mm256_cvtepi32_ps(F::imin(st, j, xv));
-                partm[c][j & 1] = j < 2 ? _mm256_mul_ps(fm, dx) : _mm256_fmadd_ps(fm, dx, partm[c][j & 1]);
-            }
-            if constexpr (F::kMin32) ms[c][j & 1] = j < 2 ? st.m[j] * xa.s : ms[c][j & 1] + st.m[j] * xa.s;
+            const block_q8_act& xa = x[c][0];
+            const __m256 f = _mm256_cvtepi32_ps(F::idot(st, 0, w0, load256(xa.qs)));
+            acc[c] = _mm256_fmadd_ps(f, _mm256_set1_ps(st.d * xa.d), acc[c]);
+            if constexpr (F::kMin32) accm[c] += st.m[0] * xa.s;
         }
-    }
-    for (int c = 0; c < NC; ++c) {
-        if constexpr (kSub == 1) {
-            acc[c] = _mm256_fmadd_ps(part[c][0], _mm256_set1_ps(st.d), acc[c]);
-            if constexpr (F::kMin32) accm[c] += ms[c][0];
-        } else {
+    } else {
+        // Two chains per sum (even and odd activation blocks), started afresh in every weight block.
+        __m256 part[NC][2], partm[NC][2];
+        float ms[NC][2];
+#pragma GCC unroll 8
+        for (int j = 0; j < kSub; ++j) {
+            const __m256i wj = F::weights(blk, st, j);
+            for (int c = 0; c < NC; ++c) {
+                const block_q8_act& xa = x[c][j];
+                const __m256i xv = load256(xa.qs);
+                const __m256 dx = _mm256_set1_ps(xa.d);
+                const __m256 f = _mm256_cvtepi32_ps(F::idot(st, j, wj, xv));
+                part[c][j & 1] = j < 2 ? _mm256_mul_ps(f, dx) : _mm256_fmadd_ps(f, dx, part[c][j & 1]);
+                if constexpr (F::kMin16) {
+                    const __m256 fm = _mm256_cvtepi32_ps(F::imin(st, j, xv));
+                    partm[c][j & 1] = j < 2 ? _mm256_mul_ps(fm, dx) : _mm256_fmadd_ps(fm, dx, partm[c][j & 1]);
+                }
+                if constexpr (F::kMin32) ms[c][j & 1] = j < 2 ? st.m[j] * xa.s : ms[c][j & 1] + st.m[j] * xa.s;
+            }
+        }
+        for (int c = 0; c < NC; ++c) {
             acc[c] = _mm256_fmadd_ps(_mm256_add_ps(part[c][0], part[c][1]), _mm256_set1_ps(st.d), acc[c]);
             if constexpr (F::kMin16) {
                 acc[c] = _mm256_fnmadd_ps(_mm256_add_ps(partm[c][0], partm[c][1]), _mm256_set1_ps(st.dmin), acc[c]);
