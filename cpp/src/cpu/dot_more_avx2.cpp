@@ -360,9 +360,10 @@ struct AvxQ2_K {  // d * sc * q - dmin * mn, per 16
 
 // ---- the tile: rows one after the other, NC columns at once ---------------------------------------------
 // One weight block against NC columns (x[c]: the column's first activation block of this weight block),
-// added to acc[c] (vector) and accm[c] (the kMin32 terms).
+// added to acc[c] (vector) and accm[c] (the kMin32 terms). Always inlined, so the accumulators stay in
+// registers across the pair of calls in rows_more_avx2.
 template <class F, int NC>
-inline void block_avx2(const typename F::Block& blk, const block_q8_act* const* x, __m256* acc, float* accm) {
+__attribute__((always_inline)) inline void block_avx2(const typename F::Block& blk, const block_q8_act* const* x, __m256* acc, float* accm) {
     constexpr int kSub = F::kElems / 32;  // activation blocks per weight block
     typename F::State st;
     F::prepare(blk, st);
