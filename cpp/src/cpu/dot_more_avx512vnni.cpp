@@ -77,7 +77,7 @@ inline __m256i lut_plus128(const int8_t* t) {
 }
 
 // Per-block weight factors: f[i] = weight scale of 32-group i (or 16-sub-block i when kSub16) times the
-// super scale; m[i] the 32-group's additive term per unit of act.s (kMin == 1: +m for Q5_1, -dmin * min
+// super scale (Q4_K/Q5_K: f[8 + i] = -dmin * minimum of group i; IQ4_XS: 0); m[i] the 32-group's additive term per unit of act.s (kMin == 1: +m for Q5_1, -dmin * min
 // for Q4_K/Q5_K); Q2_K keeps its minimum nibbles.
 struct Factors {
     alignas(64) float f[16];
@@ -87,11 +87,12 @@ struct Factors {
 };
 
 // ---- formats: kGroups 32-element groups per block, unpack<G>() gives group G's unsigned bytes ----------
-// kBias: u = w_int + kBias. kSub16: per-16 factors. kMin: 0 none, 1 per-32 minimum times act.s, 2 Q2_K.
+// kBias: u = w_int + kBias. kSub16: per-16 factors. kMin: 0 none, 1 per-32 minimum times act.s, 2 Q2_K,
+// 3 per-32 minimum with the factors of a super-block in f[0..7] and its minimum terms in f[8..15].
 
 struct FmtQ4K {
     using Block = block_q4_K;
-    static constexpr int kGroups = 8, kBias = 0, kMin = 1;
+    static constexpr int kGroups = 8, kBias = 0, kMin = 3;
     static constexpr bool kSub16 = false;
     static inline void factors(const Block* b, Factors* f) {
         // 6-bit scales and minimums (kernels_more.h, detail::scale_min_k4), two words at a time.
@@ -105,8 +106,7 @@ struct FmtQ4K {
         const __m512 s = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
         const __m512 dd = _mm512_insertf32x8(_mm512_set1_ps(half_scalar(b->d)), _mm256_set1_ps(-half_scalar(b->dmin)), 1);
         const __m512 r = _mm512_mul_ps(s, dd);
-        _mm256_store_ps(f->f, _mm512_castps512_ps256(r));
-        _mm256_store_ps(f->m, _mm512_extractf32x8_ps(r, 1));
+        _mm512_store_ps(f->f, r);
     }
     template <int G>
     static inline __m256i unpack(const Block* b, const Factors&) {
@@ -116,7 +116,7 @@ struct FmtQ4K {
 
 struct FmtQ5K {
     using Block = block_q5_K;
-    static constexpr int kGroups = 8, kBias = 0, kMin = 1;
+    static constexpr int kGroups = 8, kBias = 0, kMin = 3;
     static constexpr bool kSub16 = false;
     static inline void factors(const Block* b, Factors* f) {
         FmtQ4K::factors(reinterpret_cast<const block_q4_K*>(b), f);  // same d, dmin, scales prefix
@@ -208,7 +208,7 @@ struct FmtQ2K {
 
 struct FmtIQ4XS {
     using Block = block_iq4_xs;
-    static constexpr int kGroups = 8, kBias = 128, kMin = 0;
+    static constexpr int kGroups = 8, kBias = 128, kMin = 3;
     static constexpr bool kSub16 = false;
     static inline void factors(const Block* b, Factors* f) {
         // Scale of group g (stored + 32): nibble g of scales_l (low 4 bits), bits 2g of scales_h (high 2).
@@ -216,7 +216,7 @@ struct FmtIQ4XS {
                             _pdep_u64(b->scales_h, 0x3030303030303030ull);
         const __m256i s = _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(ls))),
                                            _mm256_set1_epi32(32));
-        _mm256_store_ps(f->f, _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(half_scalar(b->d))));
+        _mm512_store_ps(f->f, _mm512_zextps256_ps512(_mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(half_scalar(b->d)))));
     }
     template <int G>
     static inline __m256i unpack(const Block* b, const Factors&) {
@@ -299,6 +299,7 @@ struct Tile {
     const block_q8_act* xc[NC];
     __m256 acc[NR][NC];
     float accm[NR][NC];
+    __m512 accmv[NR][NC];  // kMin == 3: minimum terms in lanes 8..15
 
     // Weight blocks i .. i + U - 1 of every row (activation blocks from (i * kGroups)).
     template <int U>
@@ -312,6 +313,21 @@ struct Tile {
         __m256 part[NR][NC][2];
         __m256 partm[NR][NC];  // Q2_K: minimum dots times the activation scale
         const int64_t a0 = i * kG;
+        // kMin == 3: one gather per column brings the eight activation scales (lanes 0..7) and sums
+        // (8..15); times the factors that gives every group's scale product and minimum term at once.
+        alignas(64) float coef8[NR][NC][16];
+        if constexpr (F::kMin == 3) {
+            const __m512i idx = _mm512_setr_epi32(0, 10, 20, 30, 40, 50, 60, 70, 1, 11, 21, 31, 41, 51, 61, 71);
+            static_assert(sizeof(block_q8_act) == 40 && offsetof(block_q8_act, s) == 4, "gather indices");
+            for (int c = 0; c < NC; ++c) {
+                const __m512 ds = _mm512_i32gather_ps(idx, &xc[c][a0].d, 4);
+                for (int r = 0; r < NR; ++r) {
+                    const __m512 p = _mm512_mul_ps(_mm512_load_ps(fac[r][0].f), ds);
+                    _mm512_store_ps(coef8[r][c], p);
+                    accmv[r][c] = _mm512_mask_add_ps(accmv[r][c], 0xff00, accmv[r][c], p);
+                }
+            }
+        }
         unrolled(
             [&](auto gi) {
                 constexpr int kI = decltype(gi)::value;
@@ -338,6 +354,8 @@ struct Tile {
                         __m256 coef;
                         if constexpr (F::kSub16) {
                             coef = _mm256_mul_ps(coef_w, _mm256_set1_ps(dx[c]));
+                        } else if constexpr (F::kMin == 3) {
+                            coef = _mm256_set1_ps(coef8[r][c][g]);
                         } else {
                             coef = _mm256_set1_ps(fr.f[g] * dx[c]);
                         }
@@ -386,6 +404,7 @@ struct Tile {
             for (int c = 0; c < NC; ++c) {
                 acc[r][c] = _mm256_setzero_ps();
                 accm[r][c] = 0.0f;
+                accmv[r][c] = _mm512_setzero_ps();
             }
         }
         const int64_t nb = k / (32 * F::kGroups);
@@ -395,7 +414,10 @@ struct Tile {
         for (; i + U <= nb; i += U) step<U>(i);
         for (; i < nb; ++i) step<1>(i);
         for (int r = 0; r < NR; ++r) {
-            for (int c = 0; c < NC; ++c) y[c * ys + r] = hsum256(acc[r][c]) + accm[r][c];
+            for (int c = 0; c < NC; ++c) {
+                const __m256 mv = _mm512_extractf32x8_ps(accmv[r][c], 1);
+                y[c * ys + r] = hsum256(F::kMin == 3 ? _mm256_add_ps(acc[r][c], mv) : acc[r][c]) + accm[r][c];
+            }
         }
     }
 };
