@@ -154,6 +154,21 @@ def dequantize_nf4(data: np.ndarray, n: int) -> np.ndarray:
     return (NF4_CODES[q] * absmax).astype(np.float32).reshape(-1)[:n]
 
 
+# bitsandbytes get_4bit_type("fp4") in its index order (sign bit 3, then 2 exponent bits and 1 mantissa bit);
+# index 8 is -0.0, as bitsandbytes' dequantize_4bit returns it (spec/quant-types.md#fp4).
+FP4_CODES = np.array([0.0, 1 / 192, 2 / 3, 1.0, 1 / 3, 0.5, 1 / 6, 0.25,
+                      -0.0, -1 / 192, -2 / 3, -1.0, -1 / 3, -0.5, -1 / 6, -0.25], dtype=np.float32)
+
+
+def dequantize_fp4(data: np.ndarray, n: int) -> np.ndarray:
+    """Same block as NF4 (fp32 absmax, first element of a pair in the high nibble), FP4's code book."""
+    blk = np.asarray(data, dtype=np.uint8).reshape(-1, 36)
+    absmax = blk[:, :4].copy().view(np.float32)
+    qs = blk[:, 4:]
+    q = np.stack([qs >> 4, qs & 0x0F], axis=2).reshape(-1, 64)
+    return (FP4_CODES[q] * absmax).astype(np.float32).reshape(-1)[:n]
+
+
 def quantize_nf4_dq(x: np.ndarray) -> np.ndarray:
     b = _blocks(x, 64)
     nb = b.shape[0]
@@ -195,6 +210,7 @@ QUANTIZE = {
     "F32": lambda x: np.ascontiguousarray(x, dtype=np.float32).view(np.uint8).reshape(-1),
 }
 DEQUANTIZE = {
+    "FP4": dequantize_fp4,
     "Q8_0": dequantize_q8_0,
     "Q4_0": dequantize_q4_0,
     "Q4_1": dequantize_q4_1,

@@ -413,16 +413,16 @@ def test_reader_api(tmp_path):
 
 
 def test_to_numpy_of_unsupported_ggml_type_is_a_clear_error(tmp_path):
-    path = tmp_path / "q6k.gguf"
+    path = tmp_path / "iq2xxs.gguf"
     w = gguf.GGUFWriter(path, arch="llama")
-    w.add_tensor("t", np.zeros(210, np.uint8), raw_dtype=G.Q6_K)  # one 256-element block
+    w.add_tensor("t", np.zeros(66, np.uint8), raw_dtype=G.IQ2_XXS)  # one 256-element block
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     f = lowbit.GGUFFile(path)
     t = f.tensor("t")
-    assert t.type_id == int(G.Q6_K) and t.shape == (256,) and t.nbytes == 210
+    assert t.type_id == int(G.IQ2_XXS) and t.shape == (256,) and t.nbytes == 66
     with pytest.raises(LowbitError, match="cannot be dequantized"):
         t.to_numpy()
 

@@ -313,7 +313,9 @@ def test_type_table_covers_gguf():
         if gt != G.Q8_1:  # gguf-py's Q8_1 size (40) is stale: ggml's block is 36 bytes
             assert info.type_size == ts
     supported = {i.name for i in Q.all_type_infos() if i.supported}
-    assert supported == {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "NF4", "NF4_DQ"}
+    assert supported == {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
+                         "Q5_K", "Q6_K", "Q8_K", "IQ4_NL", "IQ4_XS", "NF4", "NF4_DQ", "FP4"}
+    assert supported == {m.name for m in QType}  # Python's QType is the registry's computable rows
     assert Q.type_info(1024).block_size == 64 and Q.type_info(1024).type_size == 36
     with pytest.raises(lowbit.LowbitError):
         Q.type_info(4)

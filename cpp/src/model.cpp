@@ -429,9 +429,29 @@ uint64_t Model::gpu_bytes() const { return 0; }
 
 Model::~Model() = default;
 
+// Every tensor's type, checked before anything is allocated: the first tensor of a type lowbit cannot run
+// (IQ2_XXS, TQ1_0, MXFP4, ...) is named with its type and the list of types lowbit runs.
+static void check_tensor_types(const GGUFReader& r) {
+    for (const GGUFTensorInfo& t : r.tensors()) {
+        const TypeTraits* tt = type_traits(t.type_id);
+        const bool matrix_ok = tt && tt->supported && cpu::matmul_supported(static_cast<QType>(t.type_id));
+        const bool nf4_dq = t.type_id == static_cast<uint32_t>(QType::NF4_DQ);  // expanded to NF4 at load
+        if (matrix_ok || nf4_dq) continue;
+        std::string runs;
+#define LOWBIT_X(NAME, lc, id, bs, ts, kind) runs += std::string(runs.empty() ? "" : ", ") + #NAME;
+        LOWBIT_QTYPES(LOWBIT_X)
+#undef LOWBIT_X
+        throw Error("tensor '" + t.name + "' has type " + type_name(t.type_id) +
+                    ", which lowbit cannot run. lowbit runs " + runs +
+                    ". Use a file of one of those types (for example the same model's Q4_K_M or Q8_0 GGUF), or "
+                    "requantize an F16/F32 file with `lowbit quantize IN OUT q4_k_m`");
+    }
+}
+
 void Model::load_tensors() {
     const GGUFReader& r = *reader_;
     ModelConfig& c = config_;
+    check_tensor_types(r);
 
     auto find = [&](const std::string& name) -> const GGUFTensorInfo& {
         const GGUFTensorInfo* t = r.find_tensor(name);
@@ -446,9 +466,7 @@ void Model::load_tensors() {
         }
         const TypeTraits* tt = type_traits(t.type_id);
         if (!tt || !tt->supported) {
-            throw Error("tensor '" + t.name + "' has type " + type_name(t.type_id) +
-                        ", which lowbit cannot compute with; requantize the file (lowbit quantize) to "
-                        "F32, F16, BF16, Q8_0, Q4_0, Q4_1 or NF4");
+            throw Error("tensor '" + t.name + "' has type " + type_name(t.type_id) + ", which lowbit cannot run");
         }
         WeightView w;
         w.n_in = n_in;

@@ -13,13 +13,19 @@ mkdir -p "$out"
 flags=(-O2 -std=c++17 -Icpp/include -Icpp/src -DLOWBIT_HAVE_NEON=1 '-DLOWBIT_ISAS_BUILT="generic,neon"'
        -Wall -Wextra -Wno-unused-parameter)
 pids=()
-for src in cpp/src/threads.cpp cpp/src/cpu/dispatch.cpp cpp/src/cpu/matmul.cpp cpp/src/cpu/kernels_generic.cpp \
-           tests/cpp/test_kernels.cpp; do
+# The core's type registry (types.cpp + the reference quantizers), the dispatcher, the driver and every generic
+# kernel file; then each NEON file with its own flags (*_neon.cpp as today's table, *_neondot.cpp with dotprod).
+rm -f "$out"/*.o
+for src in cpp/src/types.cpp cpp/src/quants_*.cpp cpp/src/threads.cpp cpp/src/cpu/dispatch.cpp cpp/src/cpu/matmul.cpp \
+           cpp/src/cpu/*_generic.cpp tests/cpp/test_kernels.cpp; do
   "$CXX" "${flags[@]}" -c "$src" -o "$out/$(basename "$src" .cpp).o" &
   pids+=($!)
   if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
 done
-"$CXX" "${flags[@]}" -march=armv8.2-a+dotprod+fp16 -c cpp/src/cpu/kernels_neon.cpp -o "$out/kernels_neon.o"
+for src in cpp/src/cpu/*_neon.cpp cpp/src/cpu/*_neondot.cpp; do
+  [ -e "$src" ] || continue
+  "$CXX" "${flags[@]}" -march=armv8.2-a+dotprod+fp16 -c "$src" -o "$out/$(basename "$src" .cpp).o"
+done
 for p in "${pids[@]}"; do wait "$p"; done
 "$CXX" -static -pthread "$out"/*.o -o "$out/test_kernels"
 echo "== qemu -cpu max (NEON + dotprod)"

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "cpu/kernels_internal.h"
+#include "cpu/kernels_more.h"
 
 namespace lowbit {
 namespace cpu {
@@ -28,6 +29,17 @@ constexpr Kernels make_avx2_table() {
     t.at(QType::F16).dot = dot_float<LoadF16>;
     t.at(QType::BF16).dot = dot_float<LoadBF16>;
     t.at(QType::F32).dot = dot_float<LoadF32>;
+    // The types added with the K-quants (cpu/kernels_more.h)
+    t.at(QType::Q5_0).dot = dot_q5_0_avx2;
+    t.at(QType::Q5_1).dot = dot_q5_1_avx2;
+    t.at(QType::IQ4_NL).dot = dot_iq4_nl_avx2;
+    t.at(QType::IQ4_XS).dot = dot_iq4_xs_avx2;
+    t.at(QType::FP4).dot = dot_fp4_avx2;
+    t.at(QType::Q2_K).dot = dot_q2_K_avx2;
+    t.at(QType::Q3_K).dot = dot_q3_K_avx2;
+    t.at(QType::Q4_K).dot = dot_q4_K_avx2;
+    t.at(QType::Q5_K).dot = dot_q5_K_avx2;
+    t.at(QType::Q6_K).dot = dot_q6_K_avx2;
     return t;
 }
 

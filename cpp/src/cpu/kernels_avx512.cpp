@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu/kernels_internal.h"
+#include "cpu/kernels_more.h"
 
 // GCC 12's AVX-512 intrinsic headers build results on _mm512_undefined_*(), which trips
 // -W(maybe-)uninitialized inside the headers themselves (GCC bug 105593); the code here reads no
@@ -39,6 +40,17 @@ constexpr Kernels make_avx512_table() {
     t.at(QType::F16).dot = dot_float<LoadF16>;
     t.at(QType::BF16).dot = dot_float<LoadBF16>;
     t.at(QType::F32).dot = dot_float<LoadF32>;
+    // The types added with the K-quants: the AVX2 kernels (no AVX-512 kernels without VNNI yet) (cpu/kernels_more.h)
+    t.at(QType::Q5_0).dot = dot_q5_0_avx2;
+    t.at(QType::Q5_1).dot = dot_q5_1_avx2;
+    t.at(QType::IQ4_NL).dot = dot_iq4_nl_avx2;
+    t.at(QType::IQ4_XS).dot = dot_iq4_xs_avx2;
+    t.at(QType::FP4).dot = dot_fp4_avx2;
+    t.at(QType::Q2_K).dot = dot_q2_K_avx2;
+    t.at(QType::Q3_K).dot = dot_q3_K_avx2;
+    t.at(QType::Q4_K).dot = dot_q4_K_avx2;
+    t.at(QType::Q5_K).dot = dot_q5_K_avx2;
+    t.at(QType::Q6_K).dot = dot_q6_K_avx2;
     return t;
 }
 

@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "cpu/kernels_internal.h"
+#include "cpu/kernels_more.h"
 
 namespace lowbit {
 namespace cpu {
@@ -153,6 +154,17 @@ constexpr Kernels make_generic_table() {
     t.at(QType::F16).dot = dot_float_generic<uint16_t, half_to_float>;
     t.at(QType::BF16).dot = dot_float_generic<uint16_t, bf16_to_float>;
     t.at(QType::F32).dot = dot_float_generic<float, load_f32>;
+    // The types added with the K-quants (cpu/kernels_more.h)
+    t.at(QType::Q5_0).dot = dot_q5_0_generic;
+    t.at(QType::Q5_1).dot = dot_q5_1_generic;
+    t.at(QType::IQ4_NL).dot = dot_iq4_nl_generic;
+    t.at(QType::IQ4_XS).dot = dot_iq4_xs_generic;
+    t.at(QType::FP4).dot = dot_fp4_generic;
+    t.at(QType::Q2_K).dot = dot_q2_K_generic;
+    t.at(QType::Q3_K).dot = dot_q3_K_generic;
+    t.at(QType::Q4_K).dot = dot_q4_K_generic;
+    t.at(QType::Q5_K).dot = dot_q5_K_generic;
+    t.at(QType::Q6_K).dot = dot_q6_K_generic;
     return t;
 }
 
