@@ -78,8 +78,11 @@ void fp4_runtime_values(const uint8_t* row, float* y, int64_t k) {
 #else
 #define LOWBIT_AVX2_FN(t) nullptr
 #endif
-// The AVX-512 VNNI kernels of these types are not in this tree yet.
+#ifdef LOWBIT_HAVE_AVX512
+#define LOWBIT_AVX512VNNI_FN(t) cpu::dot_##t##_avx512vnni
+#else
 #define LOWBIT_AVX512VNNI_FN(t) nullptr
+#endif
 
 const TypeCase kTypes[] = {
     {"q5_0", QK5_0, sizeof(block_q5_0), [](uint8_t* p) { as<block_q5_0>(p)->d = random_half_scale(); },
