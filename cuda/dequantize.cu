@@ -32,17 +32,12 @@ void dequantize_any(QType t, const void* src, int64_t n, Out* dst, cudaStream_t 
     const int64_t groups = (n + 15) / 16;
     const unsigned int grid = ceil_div_u(groups, kThreads);
     const uint8_t* s = static_cast<const uint8_t*>(src);
-    switch (t) {
-        case QType::F32: dequantize_kernel<kF32, Out><<<grid, kThreads, 0, stream>>>(s, n, dst); break;
-        case QType::F16: dequantize_kernel<kF16, Out><<<grid, kThreads, 0, stream>>>(s, n, dst); break;
-        case QType::BF16: dequantize_kernel<kBF16, Out><<<grid, kThreads, 0, stream>>>(s, n, dst); break;
-        case QType::Q4_0: dequantize_kernel<kQ4_0, Out><<<grid, kThreads, 0, stream>>>(s, n, dst); break;
-        case QType::Q4_1: dequantize_kernel<kQ4_1, Out><<<grid, kThreads, 0, stream>>>(s, n, dst); break;
-        case QType::Q8_0: dequantize_kernel<kQ8_0, Out><<<grid, kThreads, 0, stream>>>(s, n, dst); break;
-        case QType::NF4: dequantize_kernel<kNF4, Out><<<grid, kThreads, 0, stream>>>(s, n, dst); break;
-        default:
-            throw Error("CUDA dequantize: type id " + std::to_string(static_cast<uint32_t>(t)) +
-                        " has no device layout (NF4_DQ is expanded to NF4 on the host first)");
+    const bool known = with_device_type(t, [&](auto type) {
+        dequantize_kernel<decltype(type)::value, Out><<<grid, kThreads, 0, stream>>>(s, n, dst);
+    });
+    if (!known) {
+        throw Error("CUDA dequantize: type id " + std::to_string(static_cast<uint32_t>(t)) +
+                    " has no device layout (NF4_DQ is expanded to NF4 on the host first)");
     }
     LB_CUDA_LAUNCHED();
 }

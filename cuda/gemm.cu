@@ -12,7 +12,7 @@ using namespace nvcuda;
 
 constexpr int kTileM = 64;            // weight rows per block
 constexpr int kTileN = 64;            // tokens per block
-constexpr int kTileK = 32;            // k per step: one block of the 32-element types, half an NF4 block
+constexpr int kTileK = 32;            // k per step: a block of 32, half an NF4/FP4 block, 1/8 of a K-quant one
 constexpr int kLdS = kTileK + 8;      // smem row stride in halves: a multiple of 8 (WMMA) that staggers banks
 constexpr int kLdC = kTileM + 4;      // output tile stride in floats: a multiple of 4 (WMMA)
 constexpr int kGemmThreads = 128;     // 4 warps in a 2 x 2 grid, 32 x 32 outputs each
@@ -113,19 +113,11 @@ void launch_gemm(const DevMatrix& w, const float* x, int64_t n_tok, float* y, bo
     if (n_tok > 65535LL * kTileN) throw Error("CUDA GEMM: too many tokens in one call; split the batch");
     const dim3 grid(ceil_div_u(w.n_rows, kTileM), ceil_div_u(n_tok, kTileN));
     const int acc = accumulate ? 1 : 0;
-#define LB_GEMM(T) \
-    gemm_kernel<T><<<grid, kGemmThreads, 0, stream>>>(w.data, w.row_bytes, w.n_rows, w.n_cols, x, n_tok, y, acc)
-    switch (w.type) {
-        case QType::F32: LB_GEMM(kF32); break;
-        case QType::F16: LB_GEMM(kF16); break;
-        case QType::BF16: LB_GEMM(kBF16); break;
-        case QType::Q4_0: LB_GEMM(kQ4_0); break;
-        case QType::Q4_1: LB_GEMM(kQ4_1); break;
-        case QType::Q8_0: LB_GEMM(kQ8_0); break;
-        case QType::NF4: LB_GEMM(kNF4); break;
-        default: throw Error("CUDA GEMM: unsupported weight type");
-    }
-#undef LB_GEMM
+    const bool known = with_device_type(w.type, [&](auto type) {
+        gemm_kernel<decltype(type)::value><<<grid, kGemmThreads, 0, stream>>>(w.data, w.row_bytes, w.n_rows, w.n_cols,
+                                                                              x, n_tok, y, acc);
+    });
+    if (!known) throw Error("CUDA GEMM: unsupported weight type (use one of " + device_type_names() + ")");
     LB_CUDA_LAUNCHED();
 }
 

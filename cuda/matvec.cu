@@ -70,29 +70,16 @@ void launch_matvec(const DevMatrix& w, const float* x, const block_q8_act* xa, f
     const unsigned int grid = ceil_div_u(w.n_rows, kMatvecWarps);
     const int threads = kMatvecWarps * 32;
     const int acc = accumulate ? 1 : 0;
-#define LB_MATVEC(T)                                                                                     \
-    matvec_kernel<T, kInt8><<<grid, threads, 0, stream>>>(w.data, w.row_bytes, w.n_rows, w.n_cols, x, xa, y, acc)
-    if constexpr (kInt8) {
-        switch (w.type) {
-            case QType::Q4_0: LB_MATVEC(kQ4_0); break;
-            case QType::Q4_1: LB_MATVEC(kQ4_1); break;
-            case QType::Q8_0: LB_MATVEC(kQ8_0); break;
-            case QType::NF4: LB_MATVEC(kNF4); break;
-            default: throw Error("CUDA matvec: no int8-activation kernel for this weight type (use FloatAct)");
+    const bool known = with_device_type(w.type, [&](auto type) {
+        constexpr int T = decltype(type)::value;
+        if constexpr (kInt8 && !has_int8_dot(T)) {
+            throw Error("CUDA matvec: no int8-activation kernel for float weights (use FloatAct)");
+        } else {
+            matvec_kernel<T, kInt8><<<grid, threads, 0, stream>>>(w.data, w.row_bytes, w.n_rows, w.n_cols, x, xa, y,
+                                                                  acc);
         }
-    } else {
-        switch (w.type) {
-            case QType::F32: LB_MATVEC(kF32); break;
-            case QType::F16: LB_MATVEC(kF16); break;
-            case QType::BF16: LB_MATVEC(kBF16); break;
-            case QType::Q4_0: LB_MATVEC(kQ4_0); break;
-            case QType::Q4_1: LB_MATVEC(kQ4_1); break;
-            case QType::Q8_0: LB_MATVEC(kQ8_0); break;
-            case QType::NF4: LB_MATVEC(kNF4); break;
-            default: throw Error("CUDA matvec: unsupported weight type");
-        }
-    }
-#undef LB_MATVEC
+    });
+    if (!known) throw Error("CUDA matvec: unsupported weight type (use one of " + device_type_names() + ")");
     LB_CUDA_LAUNCHED();
 }
 
@@ -107,7 +94,9 @@ void launch_quantize_act(const float* x, int64_t n_tok, int64_t k, block_q8_act*
 }
 
 bool matvec_int8_supported(QType t) {
-    return t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q8_0 || t == QType::NF4;
+    bool supported = false;
+    with_device_type(t, [&](auto type) { supported = has_int8_dot(decltype(type)::value); });
+    return supported;
 }
 
 void launch_matvec_int8(const DevMatrix& w, const block_q8_act* xa, float* y, bool accumulate, cudaStream_t stream) {

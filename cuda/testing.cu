@@ -87,7 +87,7 @@ void matmul(const Matrix& w, const float* x, int64_t n_tok, float* y, MatmulPath
     switch (path) {
         case MatmulPath::MatvecInt8: {
             if (!matvec_int8_supported(dm.type)) {
-                throw Error("CUDA matmul: MatvecInt8 supports Q4_0, Q4_1, Q8_0 and NF4 weights only");
+                throw Error("CUDA matmul: MatvecInt8 supports quantized weights only (F32/F16/BF16 use MatvecFloat)");
             }
             const int64_t nb = w.n_cols / 32;
             DeviceBuffer act(static_cast<size_t>(n_tok * nb) * sizeof(block_q8_act));

@@ -19,8 +19,11 @@ pytestmark = pytest.mark.cuda
 
 NMSE_MAX = 5e-4  # matmul paths vs float64 (task contract)
 
-BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "NF4": 64, "F32": 1, "F16": 1, "BF16": 1}
-QUANTIZED = ("Q4_0", "Q4_1", "Q8_0", "NF4")
+BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "NF4": 64, "Q5_0": 32, "Q5_1": 32, "IQ4_NL": 32, "IQ4_XS": 256,
+         "FP4": 64, "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "F32": 1, "F16": 1, "BF16": 1}
+QUANTIZED = ("Q4_0", "Q4_1", "Q8_0", "NF4", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "FP4",
+             "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+GGML_QUANTIZED = tuple(n for n in QUANTIZED if n not in ("NF4", "FP4"))  # types gguf-py knows
 FLOATS = ("F32", "F16", "BF16")
 
 # Raw block layouts (blocks.h), as numpy structured dtypes: no padding, little-endian.
@@ -29,7 +32,35 @@ BLOCK_DTYPES = {
     "Q4_1": np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)]),
     "Q8_0": np.dtype([("d", "<f2"), ("qs", "i1", 32)]),
     "NF4": np.dtype([("absmax", "<f4"), ("qs", "u1", 32)]),
+    "Q5_0": np.dtype([("d", "<f2"), ("qh", "u1", 4), ("qs", "u1", 16)]),
+    "Q5_1": np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "u1", 4), ("qs", "u1", 16)]),
+    "IQ4_NL": np.dtype([("d", "<f2"), ("qs", "u1", 16)]),
+    "IQ4_XS": np.dtype([("d", "<f2"), ("scales_h", "<u2"), ("scales_l", "u1", 4), ("qs", "u1", 128)]),
+    "FP4": np.dtype([("absmax", "<f4"), ("qs", "u1", 32)]),
+    "Q2_K": np.dtype([("scales", "u1", 16), ("qs", "u1", 64), ("d", "<f2"), ("dmin", "<f2")]),
+    "Q3_K": np.dtype([("hmask", "u1", 32), ("qs", "u1", 64), ("scales", "u1", 12), ("d", "<f2")]),
+    "Q4_K": np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)]),
+    "Q5_K": np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qh", "u1", 32), ("qs", "u1", 128)]),
+    "Q6_K": np.dtype([("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")]),
 }
+
+# bitsandbytes' code books (get_4bit_type), in the order of the 4-bit codes; FP4's code 8 reads as -0.0
+# (spec/quant-types.md#fp4).
+CODE_BOOKS = {
+    "NF4": np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=np.float32),
+    "FP4": np.array([float.fromhex(h) for h in (
+        "0x0p+0", "0x1.555556p-8", "0x1.555556p-1", "0x1p+0", "0x1.555556p-2", "0x1p-1", "0x1.555556p-3", "0x1p-2",
+        "-0x0p+0", "-0x1.555556p-8", "-0x1.555556p-1", "-0x1p+0", "-0x1.555556p-2", "-0x1p-1", "-0x1.555556p-3",
+        "-0x1p-2")], dtype=np.float32),
+}
+
+
+def cols_for(name: str, n_cols: int) -> int:
+    """n_cols rounded up to a whole number of the type's blocks (256 for the K-quants and IQ4_XS)."""
+    return -(-n_cols // BLOCK[name]) * BLOCK[name]
 
 
 def cuda():
@@ -78,19 +109,15 @@ def weight_values(raw: np.ndarray, name: str, shape: tuple[int, int]) -> np.ndar
 
 
 def random_blocks(name: str, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
-    """Arbitrary block bytes (every nibble/byte pattern), with finite scales."""
-    b = np.zeros(n_blocks, dtype=BLOCK_DTYPES[name])
-    if name == "NF4":
+    """Arbitrary block bytes (every bit pattern of quants, sub-block scales and high bits), with finite
+    fp16 / fp32 block scales."""
+    dt = BLOCK_DTYPES[name]
+    b = rng.integers(0, 256, size=n_blocks * dt.itemsize, dtype=np.uint8).view(dt)
+    for field, sigma in (("d", 0.05), ("dmin", 0.05), ("m", 0.5)):
+        if field in dt.names:
+            b[field] = (rng.standard_normal(n_blocks) * sigma).astype(np.float16)
+    if "absmax" in dt.names:
         b["absmax"] = np.abs(rng.standard_normal(n_blocks)).astype(np.float32) * 3
-        b["qs"] = rng.integers(0, 256, size=(n_blocks, 32))
-    else:
-        b["d"] = (rng.standard_normal(n_blocks) * 0.05).astype(np.float16)
-        if name == "Q4_1":
-            b["m"] = (rng.standard_normal(n_blocks) * 0.5).astype(np.float16)
-        if name == "Q8_0":
-            b["qs"] = rng.integers(-128, 128, size=(n_blocks, 32))
-        else:
-            b["qs"] = rng.integers(0, 256, size=(n_blocks, 16))
     return b.view(np.uint8).reshape(-1)
 
 
@@ -113,7 +140,12 @@ def test_dequantize_bit_exact(name: str, source: str):
     np.testing.assert_array_equal(got16.view(np.uint16), want.astype(np.float16).view(np.uint16))
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_block_dtypes_match_core():
+    for name, dt in BLOCK_DTYPES.items():
+        assert dt.itemsize == lowbit.quants.row_size(QType[name], BLOCK[name]), name
+
+
+@pytest.mark.parametrize("name", GGML_QUANTIZED)
 def test_dequantize_matches_gguf_py(name: str):
     gq = pytest.importorskip("gguf.quants")
     import gguf
@@ -121,22 +153,20 @@ def test_dequantize_matches_gguf_py(name: str):
     rng = np.random.default_rng(2)
     raw = random_blocks(name, 257, rng)
     want = gq.dequantize(raw.reshape(1, -1), gguf.GGMLQuantizationType[name]).reshape(-1).astype(np.float32)
-    got = cuda().dequantize(QType[name], raw, 257 * 32)
-    np.testing.assert_array_equal(got, want)
+    got = cuda().dequantize(QType[name], raw, 257 * BLOCK[name])
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
-def test_dequantize_nf4_high_nibble_first():
-    """bitsandbytes packs the first element of a pair in the HIGH nibble (spec/quant-types.md#nf4)."""
-    codes = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-                      -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-                      0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-                      0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=np.float32)
-    b = np.zeros(1, dtype=BLOCK_DTYPES["NF4"])
+@pytest.mark.parametrize("name", ["NF4", "FP4"])
+def test_dequantize_4bit_high_nibble_first(name: str):
+    """bitsandbytes packs the first element of a pair in the HIGH nibble (spec/quant-types.md#nf4); FP4's
+    code 8 comes back as -0.0 (compared bit for bit)."""
+    b = np.zeros(1, dtype=BLOCK_DTYPES[name])
     b["absmax"] = 2.0
     q = np.arange(64) % 16
     b["qs"][0] = (q[0::2] << 4) | q[1::2]
-    got = cuda().dequantize(QType.NF4, b.view(np.uint8), 64)
-    np.testing.assert_array_equal(got, codes[q] * np.float32(2.0))
+    got = cuda().dequantize(QType[name], b.view(np.uint8), 64)
+    np.testing.assert_array_equal(got.view(np.uint32), (CODE_BOOKS[name][q] * np.float32(2.0)).view(np.uint32))
 
 
 @pytest.mark.parametrize("name", FLOATS)
@@ -213,13 +243,15 @@ GEMM_SHAPES = [(1, 64, 4), (65, 128, 5), (130, 320, 67), (300, 640, 130), (64, 4
 @pytest.mark.parametrize("shape", MATVEC_SHAPES)
 @pytest.mark.parametrize("path", ["int8", "float"])
 def test_matvec_quantized(name: str, shape, path: str):
-    _matmul_case(name, *shape, path)
+    n_rows, n_cols, n_tok = shape
+    _matmul_case(name, n_rows, cols_for(name, n_cols), n_tok, path)
 
 
 @pytest.mark.parametrize("name", QUANTIZED + FLOATS)
 @pytest.mark.parametrize("shape", GEMM_SHAPES)
 def test_gemm(name: str, shape):
-    _matmul_case(name, *shape, "gemm")
+    n_rows, n_cols, n_tok = shape
+    _matmul_case(name, n_rows, cols_for(name, n_cols), n_tok, "gemm")
 
 
 @pytest.mark.parametrize("name", FLOATS)
@@ -229,16 +261,18 @@ def test_float_weights_odd_k(name: str, shape):
     _matmul_case(name, *shape, "float" if shape[2] < _core.cuda.GEMM_MIN_TOKENS else "gemm")
 
 
-def test_matvec_int8_matches_cpu_scheme():
-    """The int8 path equals dequant(W) . dequant(quantize_act(x)) up to fp32 summation order."""
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_matvec_int8_matches_cpu_scheme(name: str):
+    """The int8 path equals dequant(W) . dequant(quantize_act(x)) up to fp32 summation order (the K-quants'
+    sub-block scales and minima are applied exactly; NF4/FP4 use their exact fp32 code books)."""
     rng = np.random.default_rng(6)
-    w = rng.standard_normal((50, 256)).astype(np.float32)
-    x = rng.standard_normal((1, 256)).astype(np.float32)
-    raw = weight_bytes(w, "Q4_0")
+    w = rng.standard_normal((50, 512)).astype(np.float32)
+    x = rng.standard_normal((1, 512)).astype(np.float32)
+    raw = weight_bytes(w, name)
     d, _, qs = cuda().quantize_act(x)
     xq = (qs.astype(np.float64) * d[:, None].astype(np.float64)).reshape(1, -1)
-    ref = xq @ weight_values(raw, "Q4_0", w.shape).astype(np.float64).T
-    got = cuda().matmul(QType.Q4_0, raw, 50, 256, x, "int8")
+    ref = xq @ weight_values(raw, name, w.shape).astype(np.float64).T
+    got = cuda().matmul(QType[name], raw, 50, 512, x, "int8")
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
@@ -429,11 +463,13 @@ def assert_block_close(got: np.ndarray, want: np.ndarray, x_in: np.ndarray, what
     assert err < NMSE_MAX, (what, err)
 
 
-@pytest.mark.parametrize("name", ["F32", "Q8_0", "Q4_0", "Q4_1", "NF4", "F16"])
+@pytest.mark.parametrize("name", ["F32", "Q8_0", "Q4_0", "Q4_1", "NF4", "F16", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS",
+                                  "FP4", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("matvec", ["int8", "float"])
 def test_backend_block_matches_numpy(name: str, matvec: str):
     rng = np.random.default_rng(12)
-    shape = BlockShape()
+    # Super-block types need every matrix's n_cols (n_embd, n_head * head_dim, n_ff) to be a multiple of 256.
+    shape = BlockShape() if BLOCK[name] <= 64 else BlockShape(n_embd=256, head_dim=64, n_ff=512, rope_dim=64)
     weights, values = make_block(shape, name, rng)
     be = _core.cuda.Backend(backend_config(shape, matvec), n_batch=16)
     assert be.add_layer(weights) == 0 and be.n_layers == 1

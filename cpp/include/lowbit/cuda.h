@@ -4,8 +4,10 @@
 // functions and Backend exist only when LOWBIT_HAVE_CUDA is defined (compiled() says which).
 //
 // Runtime semantics (match the CPU path within float tolerance, see kernels.h):
-//   * decode (a few tokens): Q4_0/Q4_1/Q8_0/NF4 weights are dotted with activations quantized to
-//     block_q8_act (int8, fp32 scale, block 32) — dp4a for the integer types — exactly the CPU's scheme;
+//   * decode (a few tokens): quantized weights are dotted with activations quantized to block_q8_act
+//     (int8, fp32 scale, block 32), the CPU's scheme: dp4a on the integer weight values of every ggml
+//     type (sub-block scales and minima applied per 16 or 32 elements, as the CPU kernels do). NF4 and FP4
+//     use their exact fp32 code books against the int8 activations (the CPU rounds the codes to int8).
 //     MatvecMode::FloatAct instead dequantizes weights on the fly against fp32 activations (for benchmarks).
 //     F32/F16/BF16 weights always use fp32 activations.
 //   * prompt (n_tok >= kGemmMinTokens): weight tiles are dequantized to fp16 in shared memory and multiplied
@@ -48,7 +50,7 @@ struct DeviceInfo {
 
 // A weight matrix in host memory (usually a pointer into the mmap): n_rows rows of n_cols elements of
 // `type`, rows contiguous (row r at data + r * row_bytes(type, n_cols)). y = W x maps n_cols -> n_rows.
-// Supported types: F32, F16, BF16, Q4_0, Q4_1, Q8_0, NF4, NF4_DQ (expanded to NF4 blocks on upload).
+// Supported types: the rows of LOWBIT_CUDA_TYPES below, and NF4_DQ (expanded to NF4 blocks on upload).
 struct Matrix {
     QType type = QType::F32;
     const void* data = nullptr;
@@ -92,30 +94,64 @@ struct BackendConfig {
 // Prompt chunks of at least this many tokens use the tensor-core GEMM; fewer use the matvec kernels.
 constexpr int kGemmMinTokens = 4;
 
+// The weight types the CUDA backend computes with, one registry name (lowbit/qtypes.def) per row. Every
+// per-type switch of the backend is generated from these rows; adding a type is a row here plus its
+// dequant16 and dot32_q8 in cuda/common.cuh.
+#define LOWBIT_CUDA_TYPES(X) \
+    X(F32)                   \
+    X(F16)                   \
+    X(BF16)                  \
+    X(Q4_0)                  \
+    X(Q4_1)                  \
+    X(Q5_0)                  \
+    X(Q5_1)                  \
+    X(Q8_0)                  \
+    X(Q2_K)                  \
+    X(Q3_K)                  \
+    X(Q4_K)                  \
+    X(Q5_K)                  \
+    X(Q6_K)                  \
+    X(IQ4_NL)                \
+    X(IQ4_XS)                \
+    X(NF4)                   \
+    X(FP4)
+
+// True for the types of LOWBIT_CUDA_TYPES (NF4_DQ is not one: it is expanded to NF4 on the host).
+inline bool is_device_type(QType type) {
+    switch (type) {
+#define LOWBIT_X(NAME) case QType::NAME:
+        LOWBIT_CUDA_TYPES(LOWBIT_X)
+#undef LOWBIT_X
+        return true;
+        default:
+            return false;
+    }
+}
+
+// "F32, F16, ...": the names of LOWBIT_CUDA_TYPES, for error messages.
+inline std::string device_type_names() {
+#define LOWBIT_X(NAME) #NAME ", "
+    std::string names = LOWBIT_CUDA_TYPES(LOWBIT_X);
+#undef LOWBIT_X
+    names.resize(names.size() - 2);
+    return names;
+}
+
 // Bytes one row of n_cols elements occupies on the device (NF4_DQ counts as plain NF4 blocks).
 // Throws Error for unsupported types or n_cols that is not a multiple of the block size.
 inline size_t device_row_bytes(QType type, int64_t n_cols) {
-    int64_t block = 1;
-    size_t bytes = 0;
-    switch (type) {
-        case QType::F32: bytes = 4; break;
-        case QType::F16: bytes = 2; break;
-        case QType::BF16: bytes = 2; break;
-        case QType::Q4_0: block = QK4_0; bytes = sizeof(block_q4_0); break;
-        case QType::Q4_1: block = QK4_1; bytes = sizeof(block_q4_1); break;
-        case QType::Q8_0: block = QK8_0; bytes = sizeof(block_q8_0); break;
-        case QType::NF4:
-        case QType::NF4_DQ: block = QK_NF4; bytes = sizeof(block_nf4); break;
-        default:
-            throw Error("CUDA backend: weight type id " + std::to_string(static_cast<uint32_t>(type)) +
-                        " is not supported on the GPU (use F32, F16, BF16, Q4_0, Q4_1, Q8_0 or NF4)");
+    const QType layout = type == QType::NF4_DQ ? QType::NF4 : type;
+    if (!is_device_type(layout)) {
+        throw Error("CUDA backend: weight type id " + std::to_string(static_cast<uint32_t>(type)) +
+                    " is not supported on the GPU (use one of " + device_type_names() + ")");
     }
-    if (n_cols <= 0 || n_cols % block != 0) {
+    const TypeTraits& t = *type_traits(static_cast<uint32_t>(layout));
+    if (n_cols <= 0 || n_cols % t.block_size != 0) {
         throw Error("CUDA backend: a row of " + std::to_string(n_cols) + " elements is not a positive multiple of " +
-                    "the block size " + std::to_string(block) + " of weight type id " +
+                    "the block size " + std::to_string(t.block_size) + " of weight type id " +
                     std::to_string(static_cast<uint32_t>(type)));
     }
-    return static_cast<size_t>(n_cols / block) * bytes;
+    return static_cast<size_t>(n_cols / t.block_size) * t.type_size;
 }
 
 namespace detail {
