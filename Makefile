@@ -19,10 +19,15 @@ install: $(BIN)/python
 demo: install
 	$(BIN)/lowbit demo
 
+# llama.cpp itself (through llama-cpp-python, built from source by pip: several minutes the first time, then
+# cached as a wheel) is the oracle of the tests that compare lowbit's bytes and file types with llama-quantize's.
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+
 # torch goes in first so nothing pulls a CUDA build of it.
 install-test: $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q ".[test,convert]" "$(TORCH)"
+	$(BIN)/python -m pip install -q "$(LLAMA_CPP)"
 
 test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
