@@ -43,7 +43,95 @@ def test_inspect_json_matches_gguf_package(capsys):
 def test_inspect_table(capsys):
     assert main(["inspect", str(tiny_gguf("q8_0"))]) == 0
     out = capsys.readouterr().out
-    assert "blk.0.attn_q.weight" in out and "Q8_0" in out and "total tensor data" in out
+    assert "blk.0.attn_q.weight" in out and "Q8_0" in out and "file type = q8_0 (7)" in out
+
+
+@pytest.fixture(scope="module")
+def k_quant_file(tmp_path_factory):
+    """A q4_k_m file of a model with rows of 256 (test_convert's F16 writer), and its F16 source."""
+    from test_convert import MODELS, write_f16_llama
+
+    d = tmp_path_factory.mktemp("k")
+    src = write_f16_llama(d / "f16.gguf", **MODELS["k256"])
+    out = d / "q4_k_m.gguf"
+    assert main(["quantize", str(src), str(out), "q4_k_m", "--no-progress"]) == 0
+    return src, out
+
+
+def test_inspect_type_mix_and_bits_per_weight(k_quant_file, capsys):
+    import gguf
+
+    _, path = k_quant_file
+    reader = gguf.GGUFReader(path)
+    counts: dict[str, list[int]] = {}
+    for t in reader.tensors:
+        row = counts.setdefault(t.tensor_type.name, [0, 0])
+        row[0] += 1
+        row[1] += int(t.n_bytes)
+    assert set(counts) == {"Q4_K", "Q6_K", "F32"}
+    n_all = sum(int(t.n_elements) for t in reader.tensors)
+    matrices = [t for t in reader.tensors if len(t.shape) == 2]
+    bpw = 8 * sum(int(t.n_bytes) for t in reader.tensors) / n_all
+    bpw_mat = 8 * sum(int(t.n_bytes) for t in matrices) / sum(int(t.n_elements) for t in matrices)
+
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    for name, (n, _) in counts.items():
+        assert f"type {name + ':':<7} {n:4d} tensors" in out
+    assert "file type = q4_k_m (15)" in out
+    assert f"({bpw:.2f} BPW)" in out.split("file size =")[1].splitlines()[0]
+    assert f"({bpw_mat:.2f} BPW over {sum(int(t.n_elements) for t in matrices):,} weights)" in out
+    assert 4.5 < bpw_mat < 5.5
+
+    assert main(["inspect", str(path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert {k: [v["tensors"], v["bytes"]] for k, v in summary["types"].items()} == counts
+    assert list(summary["types"])[0] == "Q4_K"  # most bytes first
+    assert summary["bpw"] == pytest.approx(bpw) and summary["matrix_bpw"] == pytest.approx(bpw_mat)
+    assert summary["file_type"] == "q4_k_m (15)" and summary["file_size"] == path.stat().st_size
+
+
+def test_quantize_pure_keep_and_requantize(k_quant_file, tmp_path, capsys):
+    src, mixed = k_quant_file
+    types = {t.name: t.qtype for t in lowbit.GGUFFile(mixed).tensors}
+    assert types["output.weight"] == lowbit.QType.Q6_K and types["blk.0.ffn_down.weight"] == lowbit.QType.Q6_K
+    pure = tmp_path / "pure.gguf"
+    assert main(["quantize", str(src), str(pure), "q4_k_m", "--pure", "--no-progress"]) == 0
+    for t in lowbit.GGUFFile(pure).tensors:
+        assert t.qtype == (lowbit.QType.Q4_K if len(t.shape) == 2 else lowbit.QType.F32), t.name
+    kept = tmp_path / "kept.gguf"
+    assert main(["quantize", str(src), str(kept), "q4_k_m", "--keep", "output=q8_0", "--keep", "blk.*.ffn_down*=q4_k",
+                 "--no-progress"]) == 0
+    got = {t.name: t.qtype for t in lowbit.GGUFFile(kept).tensors}
+    assert got["output.weight"] == lowbit.QType.Q8_0 and got["blk.0.ffn_down.weight"] == lowbit.QType.Q4_K
+    assert got["blk.0.attn_v.weight"] == types["blk.0.attn_v.weight"] == lowbit.QType.Q6_K
+    capsys.readouterr()
+    # Requantizing a quantized file needs --allow-requantize.
+    again = tmp_path / "again.gguf"
+    assert main(["quantize", str(mixed), str(again), "q5_k_m", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lowbit: error:") and "--allow-requantize" in err and "Q4_K: " in err
+    assert not again.exists()
+    assert main(["quantize", str(mixed), str(again), "q5_k_m", "--no-progress", "--allow-requantize"]) == 0
+    assert lowbit.GGUFFile(again).metadata["general.file_type"] == 17
+
+
+def test_quantize_bad_inputs(tmp_path):
+    src = tiny_gguf("f16")
+    cases = [(["quantize", str(src), str(tmp_path / "o.gguf"), "q4_km"], "unknown file type 'q4_km'; choose one of"),
+             (["quantize", str(src), str(tmp_path / "o.gguf"), "q4_k_m", "--keep", "output=q7"], "unknown quant type"),
+             (["quantize", str(tmp_path / "missing.gguf"), str(tmp_path / "o.gguf"), "q4_0"], "missing.gguf"),
+             (["convert", str(tmp_path), "--outtype", "int3", "-o", str(tmp_path / "o.gguf")], "unknown file type")]
+    for argv, message in cases:
+        r = subprocess.run([sys.executable, "-m", "lowbit", *argv], capture_output=True, text=True)
+        assert r.returncode == 1, (argv, r.stderr)
+        assert r.stderr.startswith("lowbit: error:") and message in r.stderr and "Traceback" not in r.stderr
+        if "unknown file type" in message:
+            for choice in ("q4_k_m", "q5_k_s", "q3_k_l", "iq4_nl", "q8_0", "bf16", "nf4_dq", "fp4"):
+                assert choice in r.stderr
+    assert not (tmp_path / "o.gguf").exists()
+    r = subprocess.run([sys.executable, "-m", "lowbit", "quantize", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "q4_k_m" in r.stdout and "--allow-requantize" in r.stdout and "--pure" in r.stdout
 
 
 def test_run_greedy_equals_api(capsys):
@@ -68,7 +156,7 @@ def test_convert_and_quantize_subcommands(tmp_path, capsys):
     out = tmp_path / "c.gguf"
     assert main(["convert", str(tiny_hf()), "--outtype", "q8_0", "-o", str(out), "--no-progress"]) == 0
     q4 = tmp_path / "q4.gguf"
-    assert main(["quantize", str(out), str(q4), "q4_0", "--no-progress"]) == 0
+    assert main(["quantize", str(out), str(q4), "q4_0", "--no-progress", "--allow-requantize"]) == 0
     types = {t.name: t.qtype for t in lowbit.GGUFFile(q4).tensors}
     assert types["blk.0.ffn_up.weight"] == lowbit.QType.Q4_0
     assert types["blk.0.attn_norm.weight"] == lowbit.QType.F32

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import lowbit
+from lowbit.converter import ftype
 from tiny_models import load_hf_state, make_tiny_llama
 
 GT = gguf.GGMLQuantizationType
@@ -101,17 +102,27 @@ def tiny_expected(tiny) -> dict[str, np.ndarray]:
     return expected_tensors(tiny)
 
 
-OUT_TYPES = {"f32": GT.F32, "f16": GT.F16, "bf16": GT.BF16, "q8_0": GT.Q8_0, "q4_0": GT.Q4_0, "q4_1": GT.Q4_1}
+def predicted_types(tensors: dict[str, np.ndarray], outtype: str, n_layer: int = 2, n_head: int = 4,
+                    n_head_kv: int = 2, pure: bool = False) -> dict[str, int]:
+    """ggml type id per tensor as llama-quantize chooses it (converter/ftype.py, checked against llama.cpp's
+    own choices by tests/test_ftype.py), for float32 numpy arrays."""
+    specs = {name: tuple(reversed(w.shape)) for name, w in tensors.items()}
+    names = ftype.tensor_types(specs, ftype.ModelFacts(n_layer, n_head, n_head_kv), outtype, pure=pure)
+    return {name: int(GT[t]) for name, t in names.items()}
 
 
-@pytest.mark.parametrize("outtype", list(OUT_TYPES))
+OUT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
+
+
+@pytest.mark.parametrize("outtype", OUT_TYPES)
 def test_outtypes_match_hf_weights(tiny, tiny_expected, tmp_path, outtype):
     out = lowbit.convert(tiny, tmp_path / f"m-{outtype}.gguf", outtype=outtype, progress=False)
     fields, tensors = read(out)
     assert set(tensors) == set(tiny_expected)
+    want_types = predicted_types(tiny_expected, outtype)
     for name, want in tiny_expected.items():
-        qtype = GT.F32 if want.ndim == 1 else OUT_TYPES[outtype]
-        check_tensor(out, tensors[name], want, qtype)
+        check_tensor(out, tensors[name], want, want_types[name])
+    assert fields["general.file_type"].contents() == ftype.file_type_id(outtype)
     # llama.cpp's reader requires dense, in-order data; gguf-py exposes the offsets.
     order = [t.name for t in gguf.GGUFReader(str(out)).tensors]
     assert order[0] == "token_embd.weight" and order[-2:] == ["output_norm.weight", "output.weight"]
@@ -264,10 +275,13 @@ def test_keep_rules(tiny, tiny_expected, tmp_path):
 def test_bad_keep_and_outtype(tiny, tmp_path):
     with pytest.raises(lowbit.LowbitError, match="PATTERN=TYPE"):
         lowbit.convert(tiny, tmp_path / "m.gguf", keep=["output"], progress=False)
-    with pytest.raises(lowbit.LowbitError, match="unknown tensor type"):
-        lowbit.convert(tiny, tmp_path / "m.gguf", keep=["output=q3_k"], progress=False)
-    with pytest.raises(lowbit.LowbitError, match="unknown tensor type"):
-        lowbit.convert(tiny, tmp_path / "m.gguf", outtype="q5_0", progress=False)
+    with pytest.raises(lowbit.LowbitError, match="output=q9_k: unknown quant type .* q6_k"):
+        lowbit.convert(tiny, tmp_path / "m.gguf", keep=["output=q9_k"], progress=False)
+    for bad in ("q9_0", "q4_k", "Q8_K", lowbit.QType.Q8_K):
+        with pytest.raises(lowbit.LowbitError, match="unknown file type") as e:
+            lowbit.convert(tiny, tmp_path / "m.gguf", outtype=bad, progress=False)
+        for choice in ("q4_k_m", "q5_0", "iq4_xs", "q8_0", "f16", "nf4", "fp4"):
+            assert choice in str(e.value)
     assert not (tmp_path / "m.gguf").exists()
 
 
@@ -395,10 +409,10 @@ def test_quantize_file_round_trip(tiny, tmp_path):
         assert fr[key].types == fd[key].types, key
         assert fr[key].contents() == fd[key].contents(), key
     # Requantize again (q8_0 -> q4_0) and update file_type; refuse to overwrite.
-    q4 = lowbit.quantize_file(requant, tmp_path / "q4.gguf", "q4_0", progress=False)
+    q4 = lowbit.quantize_file(requant, tmp_path / "q4.gguf", "q4_0", progress=False, allow_requantize=True)
     assert read(q4)[0]["general.file_type"].contents() == 2
     with pytest.raises(lowbit.LowbitError, match="already exists"):
-        lowbit.quantize_file(requant, q4, "q4_0", progress=False)
+        lowbit.quantize_file(requant, q4, "q4_0", progress=False, allow_requantize=True)
 
 
 def test_quantize_file_reads_gguf_py_files(tmp_path):
@@ -435,8 +449,13 @@ def test_cli(tiny, tmp_path, capsys):
     assert int(tensors["output.weight"].tensor_type) == GT.Q8_0
     assert main([str(tiny), "--outtype", "q4_1", "-o", str(out)]) == 1
     assert "already exists" in capsys.readouterr().err
-    assert quantize_main([str(out), str(tmp_path / "q8.gguf"), "q8_0", "--no-progress"]) == 0
+    assert quantize_main([str(out), str(tmp_path / "q8.gguf"), "q8_0", "--no-progress"]) == 1
+    assert "--allow-requantize" in capsys.readouterr().err
+    assert quantize_main([str(out), str(tmp_path / "q8.gguf"), "q8_0", "--no-progress", "--allow-requantize"]) == 0
     assert int(read(tmp_path / "q8.gguf")[1]["blk.0.attn_q.weight"].tensor_type) == GT.Q8_0
+    k = tmp_path / "k.gguf"
+    assert main([str(tiny), "--outtype", "q4_k_m", "-o", str(k), "--no-progress"]) == 0
+    assert read(k)[0]["general.file_type"].contents() == 15
 
 
 def test_convert_script(tiny, tmp_path):
@@ -490,7 +509,7 @@ def test_smollm2_round_trip_through_transformers(tmp_path):
                 "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
         assert fields[key].contents() == ofields[key].contents(), key
 
-    q8 = lowbit.quantize_file(src, tmp_path / "q8.gguf", "q8_0", progress=False)
+    q8 = lowbit.quantize_file(src, tmp_path / "q8.gguf", "q8_0", progress=False, allow_requantize=True)
     qfields, q8t = read(q8)
     assert qfields["general.file_type"].contents() == 7
     assert qfields["tokenizer.ggml.tokens"].contents() == ofields["tokenizer.ggml.tokens"].contents()
@@ -498,3 +517,221 @@ def test_smollm2_round_trip_through_transformers(tmp_path):
     want = gguf.quants.dequantize(np.asarray(orig[name].data), orig[name].tensor_type)
     np.testing.assert_array_equal(np.asarray(q8t[name].data).reshape(-1),
                                   gguf.quants.quantize(want.astype(np.float32), GT.Q8_0).reshape(-1))
+
+
+# ---- llama.cpp's file types: lowbit quantize against llama-quantize ----------------------------------
+
+try:
+    import llama_cpp
+    _NO_LLAMA_CPP = ""
+except (ImportError, OSError) as e:  # OSError: the package is there but its shared library does not load
+    llama_cpp = None
+    _NO_LLAMA_CPP = f"import llama_cpp failed ({e}); install llama-cpp-python to compare with llama.cpp's quantizer"
+
+needs_llama_cpp = pytest.mark.skipif(llama_cpp is None, reason=_NO_LLAMA_CPP)
+
+FILE_TYPES = ("q4_k_m", "q5_k_m", "q6_k", "q3_k_m", "q2_k", "q5_0", "q5_1", "q4_0", "iq4_xs")
+
+
+def write_f16_llama(path: Path, n_layer: int, n_embd: int, n_ff: int, n_head: int, n_head_kv: int, n_vocab: int,
+                    tied: bool, seed: int = 0) -> Path:
+    """A llama-shaped GGUF with F16 matrices and F32 norms, written by gguf-py (llama.cpp's writer); random
+    weights with a few outliers, so the quantizers' searches have something to choose."""
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(256)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(1)
+    kv = n_embd // n_head * n_head_kv
+    shapes = {"token_embd.weight": (n_vocab, n_embd)}
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        shapes.update({p + "attn_norm.weight": (n_embd,), p + "attn_q.weight": (n_embd, n_embd),
+                       p + "attn_k.weight": (kv, n_embd), p + "attn_v.weight": (kv, n_embd),
+                       p + "attn_output.weight": (n_embd, n_embd), p + "ffn_norm.weight": (n_embd,),
+                       p + "ffn_gate.weight": (n_ff, n_embd), p + "ffn_up.weight": (n_ff, n_embd),
+                       p + "ffn_down.weight": (n_embd, n_ff)})
+    shapes["output_norm.weight"] = (n_embd,)
+    if not tied:
+        shapes["output.weight"] = (n_vocab, n_embd)
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            w.add_tensor(name, (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
+        else:
+            x = rng.standard_normal(shape) / np.sqrt(shape[1])
+            x[rng.random(shape) < 0.01] *= 8
+            w.add_tensor(name, x.astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# k256: rows of 256 and 512, 8 layers (the _M mixes differ per layer), GQA 4, untied output.
+# odd: rows of 192 (K types fall back to 32-blocks) and ffn_down rows of 200 (F16), tied embedding.
+# tiny: lowbit's own F16 conversion of the tiny HF checkpoint (rows of 64 and 128), tied.
+MODELS = {"k256": dict(n_layer=8, n_embd=256, n_ff=256, n_head=4, n_head_kv=1, n_vocab=288, tied=False),
+          "odd": dict(n_layer=2, n_embd=192, n_ff=200, n_head=3, n_head_kv=1, n_vocab=300, tied=True)}
+
+
+@pytest.fixture(scope="module")
+def f16_models(tmp_path_factory) -> dict[str, Path]:
+    from model_helpers import tiny_gguf
+
+    d = tmp_path_factory.mktemp("f16")
+    out = {name: write_f16_llama(d / f"{name}.gguf", seed=i, **kw) for i, (name, kw) in enumerate(MODELS.items())}
+    out["tiny"] = tiny_gguf("f16", tied=True)
+    return out
+
+
+def gguf_predicted_types(path: Path, file_type: str, pure: bool = False) -> dict[str, str]:
+    """ftype.tensor_types for a GGUF file, read with gguf-py."""
+    r = gguf.GGUFReader(str(path))
+    specs = [ftype.TensorSpec(t.name, tuple(int(d) for d in t.shape), t.tensor_type.name) for t in r.tensors]
+    facts = ftype.ModelFacts(n_layer=int(r.fields["llama.block_count"].contents()),
+                             n_head=int(r.fields["llama.attention.head_count"].contents()),
+                             n_head_kv=int(r.fields["llama.attention.head_count_kv"].contents()))
+    return ftype.tensor_types(specs, facts, file_type, pure=pure)
+
+
+_lowbit_files: dict[tuple, Path] = {}
+
+
+def lowbit_quantized(f16_models: dict[str, Path], model: str, file_type: str, pure: bool = False) -> Path:
+    """lowbit quantize of one F16 model, made once per module."""
+    key = (model, file_type, pure)
+    if key not in _lowbit_files:
+        src = f16_models[model]
+        out = src.parent / f"{model}-{file_type}{'-pure' if pure else ''}.lowbit.gguf"
+        _lowbit_files[key] = lowbit.quantize_file(src, out, file_type, pure=pure, progress=False, force=True)
+    return _lowbit_files[key]
+
+
+def llama_cpp_quantized(src: Path, out: Path, file_type: str, pure: bool = False) -> Path:
+    import ctypes
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype.file_type_id(file_type)
+    params.pure = pure
+    params.nthread = 1
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    return out
+
+
+@pytest.mark.parametrize("model", ["k256", "odd", "tiny"])
+@pytest.mark.parametrize("file_type", FILE_TYPES)
+def test_file_type_tensor_types_follow_llama_cpp_rules(f16_models, model, file_type):
+    out = lowbit_quantized(f16_models, model, file_type)
+    want = gguf_predicted_types(f16_models[model], file_type)
+    fields, tensors = read(out)
+    assert {name: t.tensor_type.name for name, t in tensors.items()} == want
+    assert fields["general.file_type"].contents() == ftype.file_type_id(file_type)
+    if model == "k256":  # the K types and the mix's promotions appear, not only fallbacks
+        base = ftype.FILE_TYPES[file_type].base_type
+        assert tensors["blk.3.ffn_up.weight"].tensor_type.name == base
+        assert tensors["output.weight"].tensor_type.name == "Q6_K"
+    # every tensor decodes to the F16 input up to the quantization error of its type
+    src = {t.name: t for t in gguf.GGUFReader(str(f16_models[model])).tensors}
+    for name, t in tensors.items():
+        x = gguf.quants.dequantize(np.asarray(src[name].data), src[name].tensor_type).astype(np.float32)
+        y = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        err = np.abs(y - x).max() / np.abs(x).max()
+        assert err < 0.3, (name, t.tensor_type.name, err)
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("model", ["k256", "odd", "tiny"])
+@pytest.mark.parametrize("file_type", FILE_TYPES)
+def test_file_type_bytes_equal_llama_quantize(f16_models, tmp_path, model, file_type):
+    ours = lowbit_quantized(f16_models, model, file_type)
+    theirs = llama_cpp_quantized(f16_models[model], tmp_path / "ref.gguf", file_type)
+    _, a = read(ours)
+    _, b = read(theirs)
+    assert set(a) == set(b)
+    for name in b:
+        assert a[name].tensor_type == b[name].tensor_type, name
+        np.testing.assert_array_equal(np.asarray(a[name].data).view(np.uint8), np.asarray(b[name].data).view(np.uint8),
+                                      err_msg=f"{name} ({b[name].tensor_type.name})")
+    assert read(theirs)[0]["general.file_type"].contents() == read(ours)[0]["general.file_type"].contents()
+
+
+@pytest.mark.parametrize("model", ["k256", "odd"])
+def test_pure_gives_the_base_type_where_it_fits(f16_models, tmp_path, model):
+    out = lowbit_quantized(f16_models, model, "q4_k_m", pure=True)
+    _, tensors = read(out)
+    want = gguf_predicted_types(f16_models[model], "q4_k_m", pure=True)
+    assert {name: t.tensor_type.name for name, t in tensors.items()} == want
+    for name, t in tensors.items():
+        if t.data.ndim == 1 or "norm" in name:
+            assert t.tensor_type.name == "F32"
+        elif t.shape[0] % 256 == 0:  # gguf-py's shape is ggml order: row length first
+            assert t.tensor_type.name == "Q4_K", name
+    if llama_cpp is not None:
+        theirs = llama_cpp_quantized(f16_models[model], tmp_path / "ref.gguf", "q4_k_m", pure=True)
+        b = read(theirs)[1]
+        for name, t in tensors.items():
+            assert t.tensor_type == b[name].tensor_type, name
+            np.testing.assert_array_equal(np.asarray(t.data).view(np.uint8), np.asarray(b[name].data).view(np.uint8))
+
+
+def test_keep_overrides_the_file_type(f16_models, tmp_path):
+    src = f16_models["k256"]
+    out = lowbit.quantize_file(src, tmp_path / "k.gguf", "q4_k_m", progress=False,
+                               keep=["output=q8_0", "blk.*.ffn_down*=q5_k", r"blk\.0\.attn_q=nf4", "blk.1.attn_k=f16"])
+    f = lowbit.GGUFFile(out)  # gguf-py does not know NF4's private id
+    got = {t.name: t.qtype.name for t in f.tensors}
+    want = gguf_predicted_types(src, "q4_k_m")
+    want.update({"output.weight": "Q8_0", "blk.0.attn_q.weight": "NF4", "blk.1.attn_k.weight": "F16"})
+    want.update({f"blk.{i}.ffn_down.weight": "Q5_K" for i in range(8)})
+    assert got == want
+    x = lowbit.GGUFFile(src).tensor("blk.2.ffn_down.weight").to_numpy()
+    np.testing.assert_array_equal(f.tensor("blk.2.ffn_down.weight").data,
+                                  lowbit.quantize(x, lowbit.QType.Q5_K).reshape(-1))
+    # A kept type whose block does not fit the row takes llama.cpp's fallback: Q4_K on rows of 192 -> Q5_0.
+    odd = lowbit.quantize_file(f16_models["odd"], tmp_path / "o.gguf", "q8_0", progress=False,
+                               keep={"blk.0.attn_q": "q4_k", "blk.0.ffn_down": "q4_k", "blk.1.ffn_down": "nf4"})
+    _, tensors = read(odd)
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q5_0"
+    assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "F16"   # rows of 200: not even 32 fits
+    assert tensors["blk.1.ffn_down.weight"].tensor_type.name == "F16"   # lowbit's own types fall back to F16
+    assert tensors["blk.1.attn_q.weight"].tensor_type.name == "Q8_0"
+
+
+def test_requantizing_needs_allow_requantize(f16_models, tmp_path, caplog):
+    q8 = lowbit.quantize_file(f16_models["k256"], tmp_path / "q8.gguf", "q8_0", progress=False)
+    with pytest.raises(lowbit.LowbitError, match=r"quantized tensors \(Q8_0: 58 tensors\).*allow-requantize"):
+        lowbit.quantize_file(q8, tmp_path / "k.gguf", "q4_k_m", progress=False)
+    assert not (tmp_path / "k.gguf").exists()
+    with caplog.at_level("WARNING", logger="lowbit.convert"):
+        out = lowbit.quantize_file(q8, tmp_path / "k.gguf", "q4_k_m", progress=False, allow_requantize=True)
+    assert "requantizing 58 tensors" in caplog.text and "worse" in caplog.text
+    src = lowbit.GGUFFile(q8)
+    _, tensors = read(out)
+    assert {n: t.tensor_type.name for n, t in tensors.items()} == gguf_predicted_types(q8, "q4_k_m")
+    for name, t in tensors.items():
+        s = src.tensor(name)
+        if t.tensor_type.name == s.qtype.name:  # unchanged type (the norms): copied byte for byte
+            np.testing.assert_array_equal(np.asarray(t.data).view(np.uint8).reshape(-1), s.data)
+        else:  # dequantized with lowbit, quantized again
+            want = lowbit.quantize(s.to_numpy(), lowbit.QType[t.tensor_type.name])
+            np.testing.assert_array_equal(np.asarray(t.data).reshape(-1), want.reshape(-1), err_msg=name)
+    # The same file type again: nothing changes type, nothing is requantized, no flag needed.
+    again = lowbit.quantize_file(q8, tmp_path / "q8b.gguf", "q8_0", progress=False)
+    for name, t in read(again)[1].items():
+        np.testing.assert_array_equal(np.asarray(t.data).view(np.uint8).reshape(-1), src.tensor(name).data)
+
+
+def test_lowbit_types_keep_every_matrix(f16_models, tmp_path):
+    for name, qtype in (("nf4", lowbit.QType.NF4), ("fp4", lowbit.QType.FP4)):
+        out = lowbit.quantize_file(f16_models["k256"], tmp_path / f"{name}.gguf", name, progress=False)
+        f = lowbit.GGUFFile(out)
+        assert f.metadata["general.file_type"] == int(qtype)
+        for t in f.tensors:
+            assert t.qtype == (qtype if len(t.shape) == 2 else lowbit.QType.F32), t.name

@@ -136,10 +136,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     f = lowbit.GGUFFile(args.file)
     md = f.metadata
+    mix = _type_mix(f)
     if args.json:
         out = {"metadata": {k: v for k, v in md.items() if args.full or not _is_bulky(v)},
                "tensors": [{"name": t.name, "type": _type_name(t.qtype), "shape": list(t.shape),
-                            "nbytes": t.nbytes, "offset": t.offset} for t in f.tensors]}
+                            "nbytes": t.nbytes, "offset": t.offset} for t in f.tensors],
+               "summary": mix}
         print(json.dumps(out, indent=1, default=str))
         return 0
     print(f"{args.file}: GGUF v{f.version}, {len(md)} metadata keys, {len(f.tensors)} tensors, "
@@ -148,16 +150,46 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for k, v in md.items():
         print(f"  {k} = {_short(v, args.full)}")
     print("\ntensors:")
-    total = 0
-    by_type: dict[str, int] = {}
     for t in f.tensors:
-        name = _type_name(t.qtype)
-        by_type[name] = by_type.get(name, 0) + t.nbytes
-        total += t.nbytes
-        print(f"  {t.name:<36} {name:<7} {str(list(t.shape)):<20} {_human_bytes(t.nbytes):>11}")
-    print(f"\ntotal tensor data: {_human_bytes(total)} ("
-          + ", ".join(f"{k} {_human_bytes(v)}" for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])) + ")")
+        print(f"  {t.name:<36} {_type_name(t.qtype):<7} {str(list(t.shape)):<20} {_human_bytes(t.nbytes):>11}")
+    print()
+    for name, row in mix["types"].items():
+        print(f"type {name + ':':<7} {row['tensors']:4d} tensors, {_human_bytes(row['bytes']):>11}")
+    if mix["file_type"] is not None:
+        print(f"file type = {mix['file_type']}")
+    print(f"file size = {_human_bytes(mix['file_size'])}, tensor data {_human_bytes(mix['tensor_bytes'])} "
+          f"({mix['bpw']:.2f} BPW)")
+    print(f"matrices  = {_human_bytes(mix['matrix_bytes'])} ({mix['matrix_bpw']:.2f} BPW over "
+          f"{mix['matrix_elements']:,} weights)")
     return 0
+
+
+def _type_mix(f) -> dict:
+    """The type mix of a GGUF file, as llama.cpp's loader reports it: tensors and bytes per type (most bytes
+    first), the file type, and bits per weight over all tensors and over the matrices (2-D and up)."""
+    from .converter.ftype import FILE_TYPES
+
+    types: dict[str, dict[str, int]] = {}
+    n_all = bytes_all = n_mat = bytes_mat = 0
+    for t in f.tensors:
+        row = types.setdefault(_type_name(t.qtype), {"tensors": 0, "bytes": 0})
+        row["tensors"] += 1
+        row["bytes"] += t.nbytes
+        n_all += t.n_elements
+        bytes_all += t.nbytes
+        if sum(d > 1 for d in t.shape) >= 2:
+            n_mat += t.n_elements
+            bytes_mat += t.nbytes
+    file_type = None
+    fid = f.metadata.get("general.file_type")
+    if isinstance(fid, int):
+        names = {ft.ftype_id: ft.name for ft in FILE_TYPES.values()}
+        names.update({int(q): q.name.lower() for q in (lowbit.QType.NF4, lowbit.QType.NF4_DQ, lowbit.QType.FP4)})
+        file_type = f"{names[fid]} ({fid})" if fid in names else f"id {fid}"
+    return {"types": dict(sorted(types.items(), key=lambda kv: -kv[1]["bytes"])), "file_type": file_type,
+            "file_size": f.file_size, "tensor_bytes": bytes_all, "n_elements": n_all,
+            "bpw": 8 * bytes_all / n_all if n_all else 0.0, "matrix_bytes": bytes_mat, "matrix_elements": n_mat,
+            "matrix_bpw": 8 * bytes_mat / n_mat if n_mat else 0.0}
 
 
 def _type_name(qtype) -> str:
@@ -257,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_mod.add_convert_args(p)
     p.set_defaults(func=lambda a: convert_mod.run_convert_args(a))
 
-    p = sub.add_parser("quantize", help="requantize a GGUF file (also llama.cpp's)")
+    p = sub.add_parser("quantize", help="quantize a GGUF file (lowbit's or llama.cpp's) to q4_k_m, q6_k, ... or nf4")
     convert_mod.add_quantize_args(p)
     p.set_defaults(func=lambda a: convert_mod.run_quantize_args(a))
 
@@ -292,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=int, default=None, help="score at most this many windows")
     p.set_defaults(func=cmd_perplexity)
 
-    p = sub.add_parser("inspect", help="print a GGUF file's metadata and tensor table")
+    p = sub.add_parser("inspect", help="print a GGUF file's metadata, tensor table, type mix and bits per weight")
     p.add_argument("file")
     p.add_argument("--full", action="store_true", help="print long arrays and strings whole")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -226,8 +226,11 @@ class GGUFTensor:
         from .quants import QType, dequantize
 
         if not isinstance(self.qtype, QType):
-            raise LowbitError(f"tensor {self.name!r}: ggml type id {tid} cannot be dequantized by lowbit "
-                              f"(supported: {', '.join(q.name for q in QType)}); requantize the file with llama.cpp")
+            info = _core._type_info(tid)
+            what = f"ggml type {info[1]} (id {tid})" if info else f"type id {tid}"
+            raise LowbitError(f"tensor {self.name!r}: {what} cannot be dequantized by lowbit "
+                              f"(supported: {', '.join(q.name for q in QType)}); make the file from the model's "
+                              "F16/F32 original with `lowbit quantize IN OUT TYPE` or `lowbit convert`")
         return dequantize(raw, self.qtype, self.shape)
 
 

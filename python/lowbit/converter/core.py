@@ -1,18 +1,20 @@
-"""The conversion pipeline: HF checkpoint -> GGUF (streamed tensor by tensor, atomic), and GGUF requantization."""
+"""The conversion pipeline: HF checkpoint -> GGUF (streamed tensor by tensor, atomic), and GGUF (re)quantization."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Union
+from typing import Any, Callable, Iterable, NamedTuple, Union
 
 import numpy as np
 
 from .._core import LowbitError
-from ..quants import QType
+from ..quants import QType, type_info
+from .ftype import ModelFacts
 from .hf import Checkpoint, LlamaParams, iter_tensors
 from .metadata import KV, VT
-from .plan import FILE_TYPE, KeepSpec, choose_type, encode, parse_keep, parse_type
+from .plan import KeepSpec, OutType, TensorIn, encode, parse_keep, parse_outtype, plan_types, type_name
 from .vocab import tokenizer_metadata
 
 log = logging.getLogger("lowbit.convert")
@@ -72,8 +74,18 @@ def _check_output(out_path: Path, force: bool, inputs: Iterable[Path] = ()) -> N
         raise LowbitError(f"{out_path.parent}: the output directory does not exist")
 
 
-def _write(out_path: Path, kvs: list[KV], tensors: list[tuple[str, tuple[int, ...], QType, Callable[[], np.ndarray]]],
-           progress: bool, desc: str) -> None:
+class Planned(NamedTuple):
+    """One output tensor: numpy shape, output type, and its loader: float32 values to encode, or (copy=True)
+    the input's bytes, written unchanged."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: Union[QType, int]
+    load: Callable[[], np.ndarray]
+    copy: bool = False
+
+
+def _write(out_path: Path, kvs: list[KV], tensors: list[Planned], progress: bool, desc: str) -> None:
     """Declare everything, then stream each tensor's bytes; the writer renames its temp file onto out_path
     only in finish(), so a failure (or Ctrl-C) anywhere leaves nothing under out_path."""
     from tqdm.auto import tqdm
@@ -82,22 +94,34 @@ def _write(out_path: Path, kvs: list[KV], tensors: list[tuple[str, tuple[int, ..
     try:
         for kv in kvs:
             _add_kv(writer, kv)
-        for name, shape, qtype, _ in tensors:
-            writer.add_tensor_info(name, shape, qtype)
+        for t in tensors:
+            writer.add_tensor_info(t.name, t.shape, t.qtype)
         writer.write_header()
-        total = sum(int(np.prod(s)) for _, s, _, _ in tensors)
+        total = sum(int(np.prod(t.shape)) for t in tensors)
         with tqdm(total=total, unit="w", unit_scale=True, desc=desc, disable=not progress, leave=False) as bar:
-            for name, shape, qtype, load in tensors:
-                x = load()
-                if tuple(x.shape) != tuple(shape):
-                    raise LowbitError(f"tensor {name}: has shape {list(x.shape)}, expected {list(shape)}")
-                writer.write_tensor_data(encode(x, qtype))
+            for t in tensors:
+                x = t.load()
+                if t.copy:
+                    writer.write_tensor_data(x)
+                else:
+                    if tuple(x.shape) != tuple(t.shape):
+                        raise LowbitError(f"tensor {t.name}: has shape {list(x.shape)}, expected {list(t.shape)}")
+                    writer.write_tensor_data(encode(x, t.qtype))
                 del x
-                bar.update(int(np.prod(shape)))
+                bar.update(int(np.prod(t.shape)))
         writer.finish()
     except BaseException:
         writer.abort()
         raise
+
+
+def _type_mix(tensors: Iterable[Planned]) -> str:
+    """Tensors per output type, most first: "Q4_K 49, Q6_K 9, F32 17"."""
+    counts: dict[str, int] = {}
+    for t in tensors:
+        name = type_name(int(t.qtype))
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _check_shapes(p: LlamaParams, name: str, shape: tuple[int, ...]) -> None:
@@ -113,75 +137,135 @@ def _check_shapes(p: LlamaParams, name: str, shape: tuple[int, ...]) -> None:
                           f"{list(expected)}); the config and the weights disagree")
 
 
-def convert(hf_dir: PathLike, out_path: PathLike, outtype: Union[str, QType] = "f16", keep: KeepSpec = None,
-            force: bool = False, progress: bool = True) -> Path:
+def convert(hf_dir: PathLike, out_path: PathLike, outtype: Union[str, QType, OutType] = "f16", keep: KeepSpec = None,
+            force: bool = False, progress: bool = True, pure: bool = False) -> Path:
     """Convert a Hugging Face LLaMA checkpoint directory to one GGUF file; returns the output path.
 
-    outtype: f32 | f16 | bf16 | q8_0 | q4_0 | q4_1 | nf4 | nf4_dq, for every 2-D tensor (token_embd and output
-    included); norms stay F32. keep: per-tensor overrides, {"output": "q8_0"} or ["blk.*.ffn_down*=q8_0"].
-    Rows whose length is not a multiple of the type's block size are written F16. The file is written to
-    a temporary name and renamed at the end; an existing out_path is an error unless force=True.
+    outtype: a llama.cpp file type (f32, f16, bf16, q8_0, q4_0, q4_k_m, q6_k, iq4_xs, ...: plan.outtype_names())
+    whose tensors get the types llama-quantize gives them (converter/ftype.py; pure=True: its --pure), or one
+    of lowbit's own nf4 / nf4_dq / fp4, written on every matrix. Norms stay F32. keep: per-tensor overrides,
+    {"output": "q8_0"} or ["blk.*.ffn_down*=q8_0"]. The file is written to a temporary name and renamed at
+    the end; an existing out_path is an error unless force=True.
     """
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     if not hf_dir.is_dir():
         raise LowbitError(f"{hf_dir}: not a directory; give a Hugging Face checkpoint directory")
-    qout = parse_type(outtype)
+    out = parse_outtype(outtype)
     rules = parse_keep(keep)
     _check_output(out_path, force)
     params = LlamaParams.from_dir(hf_dir)
     ckpt = Checkpoint(hf_dir)
 
-    tensors = []
+    found = []
     for name, shape, load in iter_tensors(ckpt, params):
         _check_shapes(params, name, shape)
-        qtype = choose_type(name, shape, qout, rules)
-        if len(shape) > 1 and qtype != qout and not any(r.matches(name) for r in rules):
-            log.info("%s: row length %d is not a multiple of %s's block; written as %s", name, shape[-1],
-                     qout.name, qtype.name)
-        tensors.append((name, shape, qtype, load))
-    kvs = model_metadata(params, FILE_TYPE[qout]) + tokenizer_metadata(hf_dir, params.n_vocab)
+        found.append((name, tuple(shape), load))
+    facts = ModelFacts(n_layer=params.n_layer, n_head=params.n_head, n_head_kv=params.n_head_kv,
+                       arch=getattr(params, "gguf_arch", "llama"))
+    types = plan_types([TensorIn(name, shape) for name, shape, _ in found], facts, out, rules, pure)
+    tensors = [Planned(name, shape, types[name], load) for name, shape, load in found]
+    kvs = model_metadata(params, out.file_type_id) + tokenizer_metadata(hf_dir, params.n_vocab)
     t0 = time.perf_counter()
-    _write(out_path, kvs, tensors, progress, f"convert -> {qout.name}")
-    log.info("wrote %s (%d tensors, %.1f MiB) in %.1f s", out_path, len(tensors),
-             out_path.stat().st_size / 2**20, time.perf_counter() - t0)
+    _write(out_path, kvs, tensors, progress, f"convert -> {out.name}")
+    log.info("wrote %s (%s; %d tensors: %s, %.1f MiB) in %.1f s", out_path, out.name, len(tensors),
+             _type_mix(tensors), out_path.stat().st_size / 2**20, time.perf_counter() - t0)
     return out_path
 
 
-# ---- requantize --------------------------------------------------------------------------------------
+# ---- quantize a GGUF ---------------------------------------------------------------------------------
+
+_LAYER = re.compile(r"blk\.(\d+)\.")
 
 
-def quantize_file(in_gguf: PathLike, out_gguf: PathLike, qtype: Union[str, QType], keep: KeepSpec = None,
-                  force: bool = False, progress: bool = True) -> Path:
-    """Requantize a GGUF (lowbit's or llama.cpp's): every tensor is dequantized and written in qtype, norms
-    (1-D tensors) as F32, --keep rules as for convert(). Metadata and tokenizer keys are copied with their
-    types; general.file_type is updated. Returns the output path."""
+def gguf_model_facts(metadata: dict[str, Any], tensor_names: Iterable[str]) -> ModelFacts:
+    """What llama.cpp's per-tensor rules read from a GGUF's hyperparameters. A missing block count is taken
+    from the blk.N tensor names; a per-layer head count array from its first layer, as llama.cpp's n_gqa()."""
+    arch = str(metadata.get("general.architecture", "llama"))
+
+    def number(key: str, default: int) -> int:
+        v = metadata.get(f"{arch}.{key}", default)
+        if isinstance(v, list):
+            v = v[0] if v else default
+        return int(v)
+
+    layers = [int(m.group(1)) for m in map(_LAYER.match, tensor_names) if m]
+    n_layer = number("block_count", 0) or (max(layers) + 1 if layers else 0)
+    n_head = number("attention.head_count", 0)
+    return ModelFacts(n_layer=n_layer, n_head=n_head, n_head_kv=number("attention.head_count_kv", n_head),
+                      n_expert=number("expert_count", 0), arch=arch)
+
+
+def _count_types(type_ids: Iterable[int]) -> str:
+    counts: dict[str, int] = {}
+    for tid in type_ids:
+        counts[type_name(tid)] = counts.get(type_name(tid), 0) + 1
+    return ", ".join(f"{k}: {v} tensors" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def quantize_file(in_gguf: PathLike, out_gguf: PathLike, qtype: Union[str, QType, OutType], keep: KeepSpec = None,
+                  force: bool = False, progress: bool = True, pure: bool = False,
+                  allow_requantize: bool = False) -> Path:
+    """Quantize a GGUF (lowbit's or llama.cpp's) to a file type, as llama-quantize does: every tensor gets the
+    type plan.plan_types chooses (llama.cpp's per-tensor rules for its file types, pure=True for --pure;
+    lowbit's nf4 / nf4_dq / fp4 on every matrix), --keep rules as for convert(). Metadata and tokenizer keys are
+    copied with their types; general.file_type is updated. A tensor whose type does not change is copied byte
+    for byte. Returns the output path.
+
+    Tensors that are already quantized and would change type are dequantized and quantized again, which loses
+    more than quantizing the F16/F32 original; that needs allow_requantize=True (llama-quantize's
+    --allow-requantize), otherwise it is an error.
+    """
     from ..gguf import GGUFFile
 
     in_gguf, out_gguf = Path(in_gguf), Path(out_gguf)
-    qout = parse_type(qtype)
+    out = parse_outtype(qtype)
     rules = parse_keep(keep)
     if not in_gguf.is_file():
         raise FileNotFoundError(f"{in_gguf}: no such GGUF file")
     _check_output(out_gguf, force, [in_gguf])
     src = GGUFFile(in_gguf)
+    facts = gguf_model_facts(src.metadata, (t.name for t in src.tensors))
+    types = plan_types([TensorIn(t.name, tuple(int(d) for d in t.shape), t.type_id) for t in src.tensors], facts,
+                       out, rules, pure)
+
+    tensors, requantized = [], []
+    for t in src.tensors:
+        shape = tuple(int(d) for d in t.shape)
+        new = types[t.name]
+        if int(new) == t.type_id:
+            tensors.append(Planned(t.name, shape, new, lambda t=t: t.data, copy=True))
+            continue
+        if not isinstance(t.qtype, QType):
+            raise LowbitError(f"tensor {t.name}: lowbit reads {type_name(t.type_id)} tensors but cannot convert "
+                              f"them to {type_name(int(new))}; quantize the F16/F32 original of this model instead")
+        if type_info(t.type_id).is_quantized:
+            requantized.append(t.type_id)
+        tensors.append(Planned(t.name, shape, new, t.to_numpy))
+    if requantized and not allow_requantize:
+        raise LowbitError(f"{in_gguf} holds quantized tensors ({_count_types(requantized)}); quantizing them again "
+                          "loses more quality than quantizing the F16/F32 original. Quantize the original "
+                          "(lowbit quantize MODEL-f16.gguf OUT TYPE, or lowbit convert HF_DIR --outtype TYPE), or "
+                          "pass --allow-requantize (allow_requantize=True) to requantize anyway")
+    if requantized:
+        log.warning("requantizing %d tensors that are already quantized (%s): the result is worse than "
+                    "quantizing the F16/F32 original", len(requantized), _count_types(requantized))
+
     kvs: list[KV] = []
     for key in src.metadata:
         if key == "general.alignment":
             continue  # the writer sets it
         if key == "general.file_type":
-            kvs.append(KV.u32(key, FILE_TYPE[qout]))
+            kvs.append(KV.u32(key, out.file_type_id))
         elif key == "general.quantization_version":
             kvs.append(KV.u32(key, QUANTIZATION_VERSION))
         else:
             kvs.append(KV(key, src.field(key), None))  # copied with its exact GGUF types
     if "general.file_type" not in src.metadata:
-        kvs.append(KV.u32("general.file_type", FILE_TYPE[qout]))
+        kvs.append(KV.u32("general.file_type", out.file_type_id))
     if "general.quantization_version" not in src.metadata:
         kvs.append(KV.u32("general.quantization_version", QUANTIZATION_VERSION))
-    tensors = []
-    for t in src.tensors:
-        shape = tuple(int(d) for d in t.shape)
-        tensors.append((t.name, shape, choose_type(t.name, shape, qout, rules), t.to_numpy))
-    _write(out_gguf, kvs, tensors, progress, f"quantize -> {qout.name}")
+    t0 = time.perf_counter()
+    _write(out_gguf, kvs, tensors, progress, f"quantize -> {out.name}")
+    log.info("wrote %s (%s; %d tensors: %s, %.1f MiB) in %.1f s", out_gguf, out.name, len(tensors),
+             _type_mix(tensors), out_gguf.stat().st_size / 2**20, time.perf_counter() - t0)
     return out_gguf
-

@@ -1,7 +1,9 @@
-"""Per-tensor output types: --outtype, --keep PATTERN=TYPE rules, F32 norms, block-size fallbacks."""
+"""Per-tensor output types: a llama.cpp file type's recipe (converter/ftype.py) or one of lowbit's own 4-bit
+types, then --keep PATTERN=TYPE rules and block-size fallbacks."""
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
@@ -9,33 +11,67 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 
 from .._core import LowbitError
-from ..quants import QType
+from ..quants import QType, type_info
+from . import ftype
 
-# --outtype / --keep names -> tensor type.
-TYPE_NAMES: dict[str, QType] = {
-    "f32": QType.F32, "f16": QType.F16, "bf16": QType.BF16, "q8_0": QType.Q8_0, "q4_0": QType.Q4_0,
-    "q4_1": QType.Q4_1, "nf4": QType.NF4, "nf4_dq": QType.NF4_DQ,
-}
+log = logging.getLogger("lowbit.convert")
 
-BLOCK_SIZE = {QType.F32: 1, QType.F16: 1, QType.BF16: 1, QType.Q8_0: 32, QType.Q4_0: 32, QType.Q4_1: 32,
-              QType.NF4: 64, QType.NF4_DQ: 64}
-
-# general.file_type (llama.cpp's LlamaFileType) for a file whose bulk is this type. NF4 has no llama.cpp
-# file type: its private tensor id is used, which no llama.cpp build knows.
-FILE_TYPE = {QType.F32: 0, QType.F16: 1, QType.Q4_0: 2, QType.Q4_1: 3, QType.Q8_0: 7, QType.BF16: 32,
-             QType.NF4: int(QType.NF4), QType.NF4_DQ: int(QType.NF4_DQ)}
+# lowbit's own types, which no llama.cpp file type describes: every matrix in the type, the rest as it came.
+# general.file_type holds their private tensor id, which no llama.cpp build knows.
+LOWBIT_OUTTYPES: dict[str, QType] = {"nf4": QType.NF4, "nf4_dq": QType.NF4_DQ, "fp4": QType.FP4}
 
 KeepSpec = Union[None, Mapping[str, str], Sequence[str]]
 
 
-def parse_type(name: Union[str, int, QType]) -> QType:
-    if isinstance(name, (int, QType)) and not isinstance(name, bool):
-        q = QType(int(name))
-        if q in BLOCK_SIZE:
-            return q
-    elif isinstance(name, str) and name.lower() in TYPE_NAMES:
-        return TYPE_NAMES[name.lower()]
-    raise LowbitError(f"unknown tensor type {name!r}; use one of {', '.join(TYPE_NAMES)}")
+@dataclass(frozen=True)
+class OutType:
+    """What `--outtype` and `lowbit quantize IN OUT TYPE` name."""
+
+    name: str                         # "q4_k_m", "nf4"
+    file_type_id: int                 # general.file_type
+    base: QType                       # the type of the matrices no per-tensor rule changes
+    recipe: Optional[ftype.FileType]  # llama.cpp's per-tensor rules; None for lowbit's own types
+
+
+def outtype_names() -> list[str]:
+    """Every name --outtype / TYPE accepts: llama.cpp's file types, then lowbit's own."""
+    return list(ftype.FILE_TYPES) + list(LOWBIT_OUTTYPES)
+
+
+def outtype_table() -> str:
+    """The accepted types as --help text, one per line."""
+    own = {"nf4": "4.5 bpw: bitsandbytes NF4, fp32 absmax per 64",
+           "nf4_dq": "4.1 bpw: NF4 with bitsandbytes' double-quantized absmax",
+           "fp4": "4.5 bpw: bitsandbytes FP4 (e2m1), fp32 absmax per 64"}
+    rows = [(ft.name, ft.ftype_id, ft.description) for ft in ftype.FILE_TYPES.values()]
+    rows += [(name, int(q), own[name]) for name, q in LOWBIT_OUTTYPES.items()]
+    return "\n".join(f"  {name:<7} {type_id:>4}  {text}" for name, type_id, text in rows)
+
+
+def _unknown_outtype(what: object) -> LowbitError:
+    return LowbitError(f"unknown file type {what!r}; choose one of {', '.join(outtype_names())}")
+
+
+def parse_outtype(outtype: Union[str, QType, OutType]) -> OutType:
+    """The one parser of output file types: a name ("q4_k_m", any case), an OutType, or a QType named like a
+    file type (QType.Q4_0 -> q4_0, QType.Q6_K -> q6_k, QType.NF4 -> nf4)."""
+    if isinstance(outtype, OutType):
+        return outtype
+    if isinstance(outtype, QType):
+        outtype = outtype.name.lower()
+    if not isinstance(outtype, str):
+        raise LowbitError(f"a file type is a name such as 'q4_k_m' or a lowbit.QType, not {outtype!r}")
+    key = outtype.strip().lower()
+    if key in LOWBIT_OUTTYPES:
+        q = LOWBIT_OUTTYPES[key]
+        return OutType(key, int(q), q, None)
+    ft = ftype.FILE_TYPES.get(key)
+    if ft is None:
+        raise _unknown_outtype(outtype)
+    return OutType(ft.name, ft.ftype_id, QType[ft.base_type], ft)
+
+
+# ---- --keep rules ------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -55,7 +91,7 @@ def parse_keep(keep: KeepSpec) -> list[KeepRule]:
     """--keep rules, in order (the first rule that matches a tensor wins). Accepts a dict {pattern: type} or
     a list of "PATTERN=TYPE". A pattern is a shell glob (fnmatch) or a regular expression, matched against
     the whole GGUF tensor name with or without its ".weight" suffix: "output", "token_embd",
-    "blk.*.ffn_down*", r"blk\\.(0|1)\\.attn_v"."""
+    "blk.*.ffn_down*", r"blk\\.(0|1)\\.attn_v". TYPE is a tensor type (QType.parse): q8_0, q6_k, f16, nf4..."""
     if keep is None:
         return []
     items = list(keep.items()) if isinstance(keep, Mapping) else []
@@ -70,29 +106,92 @@ def parse_keep(keep: KeepSpec) -> list[KeepRule]:
         if not pattern:
             raise LowbitError(f"--keep rule {pattern}={tname}: the pattern is empty")
         try:
+            qtype = QType.parse(tname)
+        except LowbitError as e:
+            raise LowbitError(f"--keep {pattern}={tname}: {e}") from None
+        try:
             regex: Optional[re.Pattern] = re.compile(pattern)
         except re.error:
             regex = None
-        rules.append(KeepRule(pattern, parse_type(tname), regex))
+        rules.append(KeepRule(pattern, qtype, regex))
     return rules
 
 
-def choose_type(name: str, shape: tuple[int, ...], outtype: QType, rules: list[KeepRule],
-                fallback: QType = QType.F16) -> QType:
-    """The type a tensor is written in.
+# ---- the plan ----------------------------------------------------------------------------------------
 
-    - a matching --keep rule wins;
-    - otherwise 1-D tensors (norms) stay F32, as llama.cpp writes them;
-    - otherwise --outtype.
-    A block type needs the row length (ne0, numpy's last axis) to be a multiple of its block size; when it is
-    not, the tensor falls back to F16 (what llama.cpp's converter does for Q8_0 rows it cannot block).
+
+@dataclass(frozen=True)
+class TensorIn:
+    """One tensor of the input: numpy shape (the row is the last axis) and the type it has there (F32 for a
+    checkpoint's tensors, which the converter reads as float32)."""
+
+    name: str
+    shape: tuple[int, ...]
+    type_id: int = int(QType.F32)
+
+
+def type_name(type_id: int) -> str:
+    """ggml's name of a type id ("Q4_K"), or lowbit's ("NF4")."""
+    return type_info(int(type_id)).name
+
+
+def fit_row(qtype: QType, row_length: int) -> QType:
+    """qtype when rows of row_length fill its blocks; otherwise llama.cpp's fallback for its types
+    (Q4_K -> Q5_0, Q6_K -> Q8_0, ...; ftype.fallback_type), and F16 for lowbit's own."""
+    if row_length % qtype.block_size == 0:
+        return qtype
+    if qtype.name in ftype.GGML_TYPES:
+        return QType[ftype.fallback_type(qtype.name, row_length)]
+    return QType.F16
+
+
+def plan_types(tensors: Sequence[TensorIn], facts: ftype.ModelFacts, out: OutType, rules: Sequence[KeepRule] = (),
+               pure: bool = False) -> dict[str, Union[QType, int]]:
+    """The type every tensor is written in: {name: QType}, or the input's type id for a tensor that keeps a
+    type lowbit only reads.
+
+    - a matching --keep rule wins (then the block-size fallback, as llama.cpp applies to its overrides);
+    - a llama.cpp file type: ftype.tensor_types, i.e. llama-quantize's choice (pure: its --pure);
+    - lowbit's own types: every matrix llama.cpp would quantize is written in the type, F16 where a row does
+      not fill its blocks; the other tensors (norms) keep their input type.
     """
-    qtype = next((r.qtype for r in rules if r.matches(name)), None)
-    if qtype is None:
-        qtype = QType.F32 if len(shape) == 1 else outtype
-    if shape[-1] % BLOCK_SIZE[qtype] != 0:
-        return fallback
-    return qtype
+    ggml_shape = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in tensors}
+    if out.recipe is not None:
+        specs = [ftype.TensorSpec(t.name, ggml_shape[t.name], type_name(t.type_id)) for t in tensors]
+        try:
+            names = ftype.tensor_types(specs, facts, out.recipe, pure=pure)
+        except ValueError as e:
+            raise LowbitError(str(e)) from None
+    else:
+        names = {t.name: out.base.name if ftype.is_quantizable(t.name, ggml_shape[t.name]) else type_name(t.type_id)
+                 for t in tensors}
+
+    chosen: dict[str, Union[QType, int]] = {}
+    for t in tensors:
+        row = ggml_shape[t.name][0]
+        rule = next((r for r in rules if r.matches(t.name)), None)
+        if rule is not None:
+            chosen[t.name] = fit_row(rule.qtype, row)
+            continue
+        name = names[t.name]
+        if name == type_name(t.type_id):
+            chosen[t.name] = _as_qtype(t.type_id)
+            continue
+        qtype = QType[name]
+        if out.recipe is None:
+            qtype = fit_row(qtype, row)
+        if row % out.base.block_size != 0 and ftype.is_quantizable(t.name, ggml_shape[t.name]):
+            log.info("%s: rows of %d do not fill %s's blocks of %d; written as %s", t.name, row, out.base.name,
+                     out.base.block_size, qtype.name)
+        chosen[t.name] = qtype
+    return chosen
+
+
+def _as_qtype(type_id: int) -> Union[QType, int]:
+    try:
+        return QType(int(type_id))
+    except ValueError:
+        return int(type_id)
 
 
 def bf16_bits(x: np.ndarray) -> np.ndarray:
