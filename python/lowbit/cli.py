@@ -168,6 +168,7 @@ def _type_mix(f) -> dict:
     """The type mix of a GGUF file, as llama.cpp's loader reports it: tensors and bytes per type (most bytes
     first), the file type, and bits per weight over all tensors and over the matrices (2-D and up)."""
     from .converter.ftype import FILE_TYPES
+    from .converter.plan import LOWBIT_OUTTYPES
 
     types: dict[str, dict[str, int]] = {}
     n_all = bytes_all = n_mat = bytes_mat = 0
@@ -184,7 +185,7 @@ def _type_mix(f) -> dict:
     fid = f.metadata.get("general.file_type")
     if isinstance(fid, int):
         names = {ft.ftype_id: ft.name for ft in FILE_TYPES.values()}
-        names.update({int(q): q.name.lower() for q in (lowbit.QType.NF4, lowbit.QType.NF4_DQ, lowbit.QType.FP4)})
+        names.update({int(q): name for name, q in LOWBIT_OUTTYPES.items()})
         file_type = f"{names[fid]} ({fid})" if fid in names else f"id {fid}"
     return {"types": dict(sorted(types.items(), key=lambda kv: -kv[1]["bytes"])), "file_type": file_type,
             "file_size": f.file_size, "tensor_bytes": bytes_all, "n_elements": n_all,
