@@ -34,7 +34,8 @@ def run_demo(question: str, n_threads: Optional[int] = None, max_new_tokens: int
             t0 = time.perf_counter()
             # The tied embedding doubles as the output head: keep it at 8 bits, as llama.cpp keeps its
             # output tensor above the body's precision.
-            quantize_file(source, out, qtype, keep={"token_embd.weight": "q8_0"}, progress=False)
+            quantize_file(source, out, qtype, keep={"token_embd.weight": "q8_0"}, progress=False,
+                          allow_requantize=True)
             print(f"  converted to {qtype.upper()} in {time.perf_counter() - t0:.1f} s: {out.name} "
                   f"({_human_mib(out.stat().st_size)})")
         else:
