@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -21,6 +22,9 @@ def test_info_reports_isas_and_cuda(capsys):
     for isa in info["cpu_isas_compiled"]:
         assert isa in out
     assert ("compiled in" in out) == lowbit.cuda_info()["compiled"]
+    # One line per registry type with the ISA serving its dot product.
+    for name, dot, *_ in lowbit._core.type_kernels():
+        assert re.search(rf"^  {name}\s+{dot}\s", out, re.M), name
 
 
 def test_inspect_json_matches_gguf_package(capsys):

@@ -223,6 +223,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"CPU ISAs runnable:  {', '.join(info['cpu_isas_runnable'])}")
     print(f"CPU ISA in use:     {info.get('cpu_isa_active') or info.get('cpu_isa_error')}"
           + ("  (forced by LOWBIT_ISA)" if os.environ.get("LOWBIT_ISA") else ""))
+    if info.get("cpu_isa_active"):
+        # Which ISA's kernels serve each tensor type: "generic" marks a fallback where the active ISA has none.
+        print("CPU kernels per type (dot / quantizer / load-time panels):")
+        for name, dot, quant, panel, _gemm in lowbit._core.type_kernels():
+            print(f"  {name:7s} {dot:8s} {quant:8s} {'panels' if panel else '-'}")
     print(f"CUDA backend:       {'compiled in' if cuda['compiled'] else 'absent from this build'}")
     for d in cuda["devices"]:
         cc = ".".join(str(x) for x in d["compute_capability"])
