@@ -1,6 +1,7 @@
 // C++ test of the dot-tile kernels of Q5_0, Q5_1, IQ4_NL, IQ4_XS, FP4 and Q2_K..Q6_K (cpu/kernels_more.h): the
 // generic kernel against a double-precision oracle built from the reference dequantizers, and every SIMD
-// kernel this CPU can run against the generic one, on random valid blocks and odd tile shapes and strides.
+// kernel this CPU can run against the generic one, on random valid blocks and odd tile shapes and strides
+// (on AArch64 both NEON files: dot_<t>_neon always, dot_<t>_neondot where the CPU has dotprod).
 // Exit status 0 = all passed.
 #include <algorithm>
 #include <cmath>
@@ -14,6 +15,13 @@
 #include "cpu/kernels_more.h"
 #include "lowbit/kernels.h"
 #include "lowbit/types.h"
+
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
 
 namespace cpu = lowbit::cpu;
 
@@ -50,6 +58,9 @@ struct TypeCase {
     cpu::DotTileFn generic;
     cpu::DotTileFn avx2;
     cpu::DotTileFn avx512vnni;
+    cpu::DotTileFn neon;
+    cpu::DotTileFn neondot;
+    lowbit::QType qtype;
 };
 
 template <class Block>
@@ -83,58 +94,84 @@ void fp4_runtime_values(const uint8_t* row, float* y, int64_t k) {
 #else
 #define LOWBIT_AVX512VNNI_FN(t) nullptr
 #endif
+#ifdef LOWBIT_HAVE_NEON
+#define LOWBIT_NEON_FNS(t) cpu::dot_##t##_neon, cpu::dot_##t##_neondot
+#else
+#define LOWBIT_NEON_FNS(t) nullptr, nullptr
+#endif
 
 const TypeCase kTypes[] = {
     {"q5_0", QK5_0, sizeof(block_q5_0), [](uint8_t* p) { as<block_q5_0>(p)->d = random_half_scale(); },
      [](const uint8_t* r, float* y, int64_t k) { lowbit::dequantize_row_q5_0(as<block_q5_0>(r), y, k); },
-     cpu::dot_q5_0_generic, LOWBIT_AVX2_FN(q5_0), LOWBIT_AVX512VNNI_FN(q5_0)},
+     cpu::dot_q5_0_generic, LOWBIT_AVX2_FN(q5_0), LOWBIT_AVX512VNNI_FN(q5_0),
+     LOWBIT_NEON_FNS(q5_0), lowbit::QType::Q5_0},
     {"q5_1", QK5_1, sizeof(block_q5_1),
      [](uint8_t* p) {
          as<block_q5_1>(p)->d = random_half_scale();
          as<block_q5_1>(p)->m = random_half_scale();
      },
      [](const uint8_t* r, float* y, int64_t k) { lowbit::dequantize_row_q5_1(as<block_q5_1>(r), y, k); },
-     cpu::dot_q5_1_generic, LOWBIT_AVX2_FN(q5_1), LOWBIT_AVX512VNNI_FN(q5_1)},
+     cpu::dot_q5_1_generic, LOWBIT_AVX2_FN(q5_1), LOWBIT_AVX512VNNI_FN(q5_1),
+     LOWBIT_NEON_FNS(q5_1), lowbit::QType::Q5_1},
     {"iq4_nl", QK4_NL, sizeof(block_iq4_nl), [](uint8_t* p) { as<block_iq4_nl>(p)->d = random_half_scale(); },
      [](const uint8_t* r, float* y, int64_t k) { lowbit::dequantize_row_iq4_nl(as<block_iq4_nl>(r), y, k); },
-     cpu::dot_iq4_nl_generic, LOWBIT_AVX2_FN(iq4_nl), LOWBIT_AVX512VNNI_FN(iq4_nl)},
+     cpu::dot_iq4_nl_generic, LOWBIT_AVX2_FN(iq4_nl), LOWBIT_AVX512VNNI_FN(iq4_nl),
+     LOWBIT_NEON_FNS(iq4_nl), lowbit::QType::IQ4_NL},
     {"iq4_xs", QK_K, sizeof(block_iq4_xs), [](uint8_t* p) { as<block_iq4_xs>(p)->d = random_half_scale(); },
      [](const uint8_t* r, float* y, int64_t k) { lowbit::dequantize_row_iq4_xs(as<block_iq4_xs>(r), y, k); },
-     cpu::dot_iq4_xs_generic, LOWBIT_AVX2_FN(iq4_xs), LOWBIT_AVX512VNNI_FN(iq4_xs)},
+     cpu::dot_iq4_xs_generic, LOWBIT_AVX2_FN(iq4_xs), LOWBIT_AVX512VNNI_FN(iq4_xs),
+     LOWBIT_NEON_FNS(iq4_xs), lowbit::QType::IQ4_XS},
     {"fp4", QK_FP4, sizeof(block_fp4),
      [](uint8_t* p) {
          const float absmax = std::fabs(randn()) * 0.1f;
          std::memcpy(p, &absmax, sizeof(float));
      },
-     fp4_runtime_values, cpu::dot_fp4_generic, LOWBIT_AVX2_FN(fp4), LOWBIT_AVX512VNNI_FN(fp4)},
+     fp4_runtime_values, cpu::dot_fp4_generic, LOWBIT_AVX2_FN(fp4), LOWBIT_AVX512VNNI_FN(fp4),
+     LOWBIT_NEON_FNS(fp4), lowbit::QType::FP4},
     {"q2_K", QK_K, sizeof(block_q2_K),
      [](uint8_t* p) {
          as<block_q2_K>(p)->d = random_half_scale();
          as<block_q2_K>(p)->dmin = random_half_scale();
      },
      [](const uint8_t* r, float* y, int64_t k) { lowbit::dequantize_row_q2_K(as<block_q2_K>(r), y, k); },
-     cpu::dot_q2_K_generic, LOWBIT_AVX2_FN(q2_K), LOWBIT_AVX512VNNI_FN(q2_K)},
+     cpu::dot_q2_K_generic, LOWBIT_AVX2_FN(q2_K), LOWBIT_AVX512VNNI_FN(q2_K),
+     LOWBIT_NEON_FNS(q2_K), lowbit::QType::Q2_K},
     {"q3_K", QK_K, sizeof(block_q3_K), [](uint8_t* p) { as<block_q3_K>(p)->d = random_half_scale(); },
      [](const uint8_t* r, float* y, int64_t k) { lowbit::dequantize_row_q3_K(as<block_q3_K>(r), y, k); },
-     cpu::dot_q3_K_generic, LOWBIT_AVX2_FN(q3_K), LOWBIT_AVX512VNNI_FN(q3_K)},
+     cpu::dot_q3_K_generic, LOWBIT_AVX2_FN(q3_K), LOWBIT_AVX512VNNI_FN(q3_K),
+     LOWBIT_NEON_FNS(q3_K), lowbit::QType::Q3_K},
     {"q4_K", QK_K, sizeof(block_q4_K),
      [](uint8_t* p) {
          as<block_q4_K>(p)->d = random_half_scale();
          as<block_q4_K>(p)->dmin = random_half_scale();
      },
      [](const uint8_t* r, float* y, int64_t k) { lowbit::dequantize_row_q4_K(as<block_q4_K>(r), y, k); },
-     cpu::dot_q4_K_generic, LOWBIT_AVX2_FN(q4_K), LOWBIT_AVX512VNNI_FN(q4_K)},
+     cpu::dot_q4_K_generic, LOWBIT_AVX2_FN(q4_K), LOWBIT_AVX512VNNI_FN(q4_K),
+     LOWBIT_NEON_FNS(q4_K), lowbit::QType::Q4_K},
     {"q5_K", QK_K, sizeof(block_q5_K),
      [](uint8_t* p) {
          as<block_q5_K>(p)->d = random_half_scale();
          as<block_q5_K>(p)->dmin = random_half_scale();
      },
      [](const uint8_t* r, float* y, int64_t k) { lowbit::dequantize_row_q5_K(as<block_q5_K>(r), y, k); },
-     cpu::dot_q5_K_generic, LOWBIT_AVX2_FN(q5_K), LOWBIT_AVX512VNNI_FN(q5_K)},
+     cpu::dot_q5_K_generic, LOWBIT_AVX2_FN(q5_K), LOWBIT_AVX512VNNI_FN(q5_K),
+     LOWBIT_NEON_FNS(q5_K), lowbit::QType::Q5_K},
     {"q6_K", QK_K, sizeof(block_q6_K), [](uint8_t* p) { as<block_q6_K>(p)->d = random_half_scale(); },
      [](const uint8_t* r, float* y, int64_t k) { lowbit::dequantize_row_q6_K(as<block_q6_K>(r), y, k); },
-     cpu::dot_q6_K_generic, LOWBIT_AVX2_FN(q6_K), LOWBIT_AVX512VNNI_FN(q6_K)},
+     cpu::dot_q6_K_generic, LOWBIT_AVX2_FN(q6_K), LOWBIT_AVX512VNNI_FN(q6_K),
+     LOWBIT_NEON_FNS(q6_K), lowbit::QType::Q6_K},
 };
+
+#ifdef LOWBIT_HAVE_NEON
+// Whether the CPU has the AArch64 dotprod extension (sdot), as cpu/dispatch.cpp asks the kernel.
+bool cpu_has_dotprod() {
+#if defined(__aarch64__) && defined(__linux__)
+    return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#else
+    return false;
+#endif
+}
+#endif
 
 // The SIMD kernels of a type that this build has and this CPU runs.
 struct Simd {
@@ -149,8 +186,30 @@ std::vector<Simd> runnable_simd(const TypeCase& t) {
         out.push_back({"avx512vnni", t.avx512vnni});
     }
 #endif
+#ifdef LOWBIT_HAVE_NEON
+    if (t.neon && cpu::kernels_for(cpu::Isa::NEON)) out.push_back({"neon", t.neon});
+    if (t.neondot && cpu::kernels_for(cpu::Isa::NEON) && cpu_has_dotprod()) out.push_back({"neondot", t.neondot});
+#endif
     return out;
 }
+
+#ifdef LOWBIT_HAVE_NEON
+// The NEON table the dispatcher hands out holds the kernels of the file built for this CPU: dot_<t>_neondot
+// with dotprod, dot_<t>_neon (compiled without it) otherwise.
+void check_neon_table() {
+    const cpu::Kernels* kt = cpu::kernels_for(cpu::Isa::NEON);
+    if (kt == nullptr) return;
+    const bool dotprod = cpu_has_dotprod();
+    for (const TypeCase& t : kTypes) {
+        ++g_checks;
+        if (kt->at(t.qtype).dot != (dotprod ? t.neondot : t.neon)) {
+            fail(std::string(t.name) + ": the NEON table does not hold dot_" + t.name +
+                 (dotprod ? "_neondot" : "_neon"));
+        }
+    }
+    std::printf("neon table: %s kernels\n", dotprod ? "dotprod" : "widening-multiply");
+}
+#endif
 
 std::string shape(const TypeCase& t, int64_t k, int nr, int nc, int r, int c) {
     char buf[160];
@@ -242,6 +301,9 @@ void check_fp4_table() {
 
 int main() {
     check_fp4_table();
+#ifdef LOWBIT_HAVE_NEON
+    check_neon_table();
+#endif
     for (const TypeCase& t : kTypes) {
         std::vector<int64_t> ks;
         if (t.block_elems == QK_K) {

@@ -119,7 +119,7 @@ const Kernels* raw_table_for(Isa isa) {
         case Isa::AVX512: return variant ? avx512vnni_kernels() : avx512_kernels();
 #endif
 #ifdef LOWBIT_HAVE_NEON
-        case Isa::NEON: return neon_kernels(variant);
+        case Isa::NEON: return variant ? neondot_kernels() : neon_kernels();
 #endif
         default: return nullptr;
     }

@@ -21,8 +21,8 @@ const Kernels* avx512_kernels();      // AVX-512 F/BW/VL/DQ, maddubs dots (cpu/k
 const Kernels* avx512vnni_kernels();  // + VNNI: vpdpbusd, prompt GEMM (cpu/kernels_avx512vnni.cpp)
 #endif
 #ifdef LOWBIT_HAVE_NEON
-// dotprod: use vdotq_s32 (ARMv8.2 dotprod); otherwise widening multiplies.
-const Kernels* neon_kernels(bool dotprod);
+const Kernels* neon_kernels();     // ARMv8.2-A + fp16, widening-multiply dots (cpu/kernels_neon.cpp)
+const Kernels* neondot_kernels();  // + dotprod: sdot, load-time panels (cpu/kernels_neondot.cpp)
 #endif
 
 // A typed row function as TypeOps::quantize_row.
