@@ -104,6 +104,11 @@ std::string ne_desc(const int64_t* ne, size_t n) {
     return s + "]";
 }
 
+// "Q4_K with dims [256, 2]": what fixes a tensor's byte size, for messages about its data span.
+std::string type_and_dims(const GGUFTensorInfo& t) {
+    return std::string(type_traits(t.type_id)->name) + " with dims " + ne_desc(t.ne, static_cast<size_t>(t.n_dims));
+}
+
 // Shared by the reader (dims already known to be in range) and the writer.
 void check_tensor_shape(const std::string& what, uint32_t type_id, const int64_t* ne, size_t n_dims,
                         uint64_t* n_elements, uint64_t* nbytes) {
@@ -514,7 +519,9 @@ void GGUFReader::parse() {
             c.fail("tensor " + quoted(t.name) + ": offset " + std::to_string(t.offset) + " + size " +
                        std::to_string(t.nbytes) + " is past the end of the file (the data section starts at byte " +
                        std::to_string(data_offset_) + " and holds " + std::to_string(data_size) +
-                       " bytes; file size " + std::to_string(file_size_) + ")",
+                       " bytes; file size " + std::to_string(file_size_) + "); as " + type_and_dims(t) +
+                       " it is " + std::to_string(t.nbytes) +
+                       " bytes, so the file is truncated or the tensor's type, dims or offset are wrong",
                    offset_at[k]);
     }
     // Offsets need not follow info order when reading, but no two tensors may share bytes.
@@ -527,7 +534,9 @@ void GGUFReader::parse() {
         if (cur.offset < prev.offset + prev.nbytes)
             c.fail("tensor " + quoted(cur.name) + " (offset " + std::to_string(cur.offset) + ") overlaps tensor " +
                        quoted(prev.name) + " (offset " + std::to_string(prev.offset) + ", " +
-                       std::to_string(prev.nbytes) + " bytes)",
+                       std::to_string(prev.nbytes) + " bytes); " + quoted(prev.name) + " is " + type_and_dims(prev) +
+                       " and " + quoted(cur.name) + " is " + type_and_dims(cur) +
+                       ": one of them has a wrong type, dims or offset",
                    offset_at[order[k]]);
     }
 }
