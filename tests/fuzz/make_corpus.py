@@ -1,5 +1,6 @@
 """Writes the fuzzer's seed corpus: small valid GGUF files covering every metadata value type (nested arrays
-included) and every tensor type lowbit computes with, plus hand-made hostile files. Bytes are built here with
+included) and every tensor type lowbit computes with (a small K-quant llama file among them), plus hand-made
+hostile files. Bytes are built here with
 struct (independent of lowbit's writer), so the script needs only the standard library:
 
     python tests/fuzz/make_corpus.py build/fuzz/corpus
@@ -24,19 +25,38 @@ SCALAR_SAMPLE = {UINT8: 200, INT8: -7, UINT16: 60000, INT16: -300, UINT32: 40000
                  FLOAT32: 0.5, BOOL: 1, UINT64: 2**63 + 5, INT64: -2**40, FLOAT64: -1.25e300}
 
 
+# (elements, bytes) per block of every type id the seeds use (cpp/include/lowbit/qtypes.def).
+BLOCKS = {0: (1, 4), 1: (1, 2), 30: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+          10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
+          20: (32, 18), 23: (256, 136), 1024: (64, 36), 1026: (64, 36),
+          # ggml types lowbit parses but does not compute with
+          9: (32, 36), 16: (256, 66), 34: (256, 54), 39: (32, 17)}
+
+
 def tensor_nbytes(type_id: int, n: int) -> int:
-    """Bytes of n elements of a type (spec/quant-types.md)."""
+    """Bytes of n elements of a type (spec/quant-types.md); whole blocks only, so a row that is not a multiple
+    of the block size gets the bytes of its whole blocks."""
     if type_id == 1025:  # NF4_DQ: float offset, float absmax2[ng], uint8 qabsmax[nb], uint8 qs[nb*32]
         nb = n // 64
         ng = (nb + 255) // 256
         return 4 + 4 * ng + nb + nb * 32
-    block, size = {0: (1, 4), 1: (1, 2), 30: (1, 2), 8: (32, 34), 2: (32, 18), 3: (32, 20), 1024: (64, 36),
-                   14: (256, 210)}[type_id]
+    block, size = BLOCKS[type_id]
     return n // block * size
 
 
-TENSOR_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "nf4": 1024, "nf4_dq": 1025,
-                "q6_k": 14}
+TENSOR_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7,
+                "q2_k": 10, "q3_k": 11, "q4_k": 12, "q5_k": 13, "q6_k": 14, "q8_k": 15, "iq4_nl": 20, "iq4_xs": 23,
+                "nf4": 1024, "nf4_dq": 1025, "fp4": 1026}
+Q4_K, Q6_K, Q5_0, IQ4_XS, Q8_0 = 12, 14, 6, 23, 8
+UNSUPPORTED_TYPES = {"q8_1": 9, "iq2_xxs": 16, "tq1_0": 34, "mxfp4": 39}
+# Byte offsets of the fp16 scales in a block (spec/quant-types.md): set to a small finite value in the model
+# seed so its weights decode to finite numbers, like a real file's.
+SCALE_OFFSETS = {Q4_K: (0, 2), Q6_K: (208,), Q5_0: (0,), IQ4_XS: (0,), Q8_0: (0,)}
+
+
+def row_length(type_id: int) -> int:
+    """A short row that is a whole number of blocks: 256 for the super-block types, else 64."""
+    return max(64, BLOCKS.get(type_id, (64, 0))[0])
 
 
 def gstr(s: str | bytes) -> bytes:
@@ -67,11 +87,20 @@ class Builder:
         self.kvs.append(gstr(key) + struct.pack("<I", vtype) + value(vtype, v))
         return self
 
-    def tensor(self, name: str, ne: list[int], type_id: int, rng: random.Random, offset: int | None = None):
+    def tensor(self, name: str, ne: list[int], type_id: int, rng: random.Random, offset: int | None = None,
+               data_type: int | None = None):
+        """Random bytes for the tensor; data_type: lay out the bytes of that type instead of type_id's (a
+        declared type whose byte size disagrees with the data)."""
         n = 1
         for d in ne:
             n *= d
-        self.infos.append((name, ne, type_id, rng.randbytes(tensor_nbytes(type_id, n)), offset))
+        data = bytearray(rng.randbytes(tensor_nbytes(type_id if data_type is None else data_type, n)))
+        if data_type is None and type_id in SCALE_OFFSETS:
+            size = BLOCKS[type_id][1]
+            for b in range(0, len(data), size):
+                for at in SCALE_OFFSETS[type_id]:
+                    data[b + at:b + at + 2] = struct.pack("<e", 0.01)
+        self.infos.append((name, ne, type_id, bytes(data), offset))
         return self
 
     def bytes(self) -> bytes:
@@ -95,6 +124,35 @@ class Builder:
         return out + bytes(data)
 
 
+# (name, ggml dims, type) of the K-quant model seed: n_embd 256, n_ff 512, 4 tokens, 2 heads, 1 layer; under
+# 8 KiB so that the fuzzer's -max_len keeps it whole.
+KQUANT_MODEL = [("token_embd.weight", [256, 4], Q6_K), ("blk.0.attn_norm.weight", [256], 0),
+                ("blk.0.attn_q.weight", [256, 2], Q4_K), ("blk.0.attn_k.weight", [256, 1], Q4_K),
+                ("blk.0.attn_v.weight", [256, 1], Q6_K), ("blk.0.attn_output.weight", [256, 2], IQ4_XS),
+                ("blk.0.ffn_gate.weight", [256, 2], Q4_K), ("blk.0.ffn_up.weight", [256, 2], Q5_0),
+                ("blk.0.ffn_down.weight", [512, 1], Q6_K), ("output.weight", [256, 4], Q6_K)]
+
+
+def kquant_model(rng: random.Random, types: dict[str, tuple[int, int | None]] | None = None,
+                 dims: dict[str, list[int]] | None = None) -> Builder:
+    """The K-quant model seed; types: name -> (declared type, type whose bytes are stored or None); dims:
+    name -> declared ggml dims (the bytes stay those of the right dims)."""
+    b = Builder().kv("general.architecture", STRING, "llama").kv("general.name", STRING, "kquant")
+    for key, v in (("block_count", 1), ("embedding_length", 256), ("feed_forward_length", 512),
+                   ("attention.head_count", 2), ("attention.head_count_kv", 1), ("context_length", 64)):
+        b.kv(f"llama.{key}", UINT32, v)
+    b.kv("llama.attention.layer_norm_rms_epsilon", FLOAT32, 1e-5)
+    b.kv("general.file_type", UINT32, 15)  # llama.cpp's MOSTLY_Q4_K_M
+    b.kv("tokenizer.ggml.tokens", ARRAY, (STRING, ["<s>", "</s>", "a", "b"]))
+    for name, ne, tid in KQUANT_MODEL:
+        declared, stored = (types or {}).get(name, (tid, None))
+        b.tensor(name, ne, declared, rng, data_type=stored)
+        if dims and name in dims:
+            n, _, t, data, off = b.infos[-1]
+            b.infos[-1] = (n, dims[name], t, data, off)
+    return b
+
+
 def valid_files(rng: random.Random) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     # Every scalar type, and an array of each scalar type.
@@ -116,11 +174,18 @@ def valid_files(rng: random.Random) -> dict[str, bytes]:
     b = Builder().kv("general.architecture", STRING, "llama").kv("llama.block_count", UINT32, 1)
     b.kv("general.alignment", UINT32, 32).kv("tokenizer.ggml.tokens", ARRAY, (STRING, ["<s>", "a", "b"]))
     for name, tid in TENSOR_TYPES.items():
-        b.tensor(f"{name}.weight", [256 if tid == 14 else 64, 2], tid, rng)
+        b.tensor(f"{name}.weight", [row_length(tid), 2], tid, rng)
     files["every_tensor_type"] = b.bytes()
     for name, tid in TENSOR_TYPES.items():
-        ne = [256] if tid == 14 else [64, 1, 1, 2]
+        ne = [256] if row_length(tid) == 256 else [64, 1, 1, 2]
         files[f"tensor_{name}"] = Builder().kv("t", STRING, name).tensor("w", ne, tid, rng).bytes()
+    # A small llama file in the types of a Q4_K_M / IQ4_XS model (K-quant matrices, Q5_0, IQ4_XS, Q6_K output).
+    files["kquant_model"] = kquant_model(rng).bytes()
+    # Q6_K bytes declared as Q4_K: GGUF stores no byte size, so this only leaves a gap before the next tensor.
+    files["kquant_gap"] = kquant_model(rng, types={"blk.0.ffn_up.weight": (Q4_K, Q6_K)}).bytes()
+    # ggml types lowbit only parses: the container accepts them (lowbit.load refuses them).
+    for name, tid in UNSUPPORTED_TYPES.items():
+        files[f"unsupported_{name}"] = kquant_model(rng, types={"blk.0.ffn_up.weight": (tid, None)}).bytes()
     # Version 2, a custom alignment, offsets out of info order, no tensors, no metadata.
     files["version2"] = Builder(version=2).kv("a", UINT32, 1).tensor("t", [8], 0, rng).bytes()
     b = Builder(alignment=256).kv("general.alignment", UINT32, 256)
@@ -174,6 +239,36 @@ def hostile_files(rng: random.Random) -> dict[str, bytes]:
     blob = bytearray(h["offset_misaligned"])
     struct.pack_into("<Q", blob, 24 + 9 + 4 + 8 + 4, 4)
     h["offset_misaligned"] = bytes(blob)
+    h.update(kquant_hostile_files(rng))
+    return h
+
+
+def kquant_hostile_files(rng: random.Random) -> dict[str, bytes]:
+    """The malformed K-quant / IQ4 / Q5 cases of tests/test_kquant_errors.py, in byte form."""
+    h: dict[str, bytes] = {}
+    # Rows that are not whole super-blocks (the reader refuses them whatever the bytes).
+    for name, tid in (("q4_k", Q4_K), ("q6_k", Q6_K), ("iq4_xs", IQ4_XS)):
+        for ne0 in (200, 384):
+            h[f"{name}_row_{ne0}"] = Builder().tensor("w", [ne0, 2], tid, rng).bytes()
+    # The same in the model file: same element count, rows of 128.
+    for name, tensor, dims in (("q4_k", "blk.0.attn_q.weight", [128, 4]), ("q6_k", "token_embd.weight", [128, 8]),
+                               ("iq4_xs", "blk.0.attn_output.weight", [128, 4])):
+        h[f"{name}_model_row_128"] = kquant_model(rng, dims={tensor: dims}).bytes()
+    # Cut inside the last tensor's (Q6_K) last super-block, and inside its first one.
+    b = kquant_model(rng)
+    blob, last = b.bytes(), b.infos[-1][3]
+    end = len(blob) - (-len(last)) % b.alignment  # the end of the last tensor's bytes (its padding follows)
+    h["kquant_cut_last_block"] = blob[:end - 210 // 2]
+    h["kquant_cut_one_byte"] = blob[:end - 1]
+    h["kquant_cut_first_block"] = blob[:end - len(last) + 7]
+    # A declared type larger than its bytes: into the next tensor, and past the end of the file.
+    h["kquant_q4_k_as_q6_k"] = kquant_model(rng, types={"blk.0.attn_q.weight": (Q6_K, Q4_K)}).bytes()
+    h["kquant_last_as_q8_0"] = kquant_model(rng, types={"output.weight": (Q8_0, Q6_K)}).bytes()
+    h["kquant_iq4_xs_as_q6_k"] = kquant_model(rng, types={"blk.0.attn_output.weight": (Q6_K, IQ4_XS)}).bytes()
+    h["kquant_q5_0_as_q6_k"] = kquant_model(rng, types={"blk.0.ffn_up.weight": (Q6_K, Q5_0)}).bytes()
+    # Type ids no table knows, in the model file.
+    for tid in (4, 31, 99, 1027, 2**32 - 1):
+        h[f"kquant_unknown_type_{tid}"] = kquant_model(rng, types={"blk.0.ffn_gate.weight": (tid, Q4_K)}).bytes()
     return h
 
 
