@@ -1,8 +1,10 @@
-// The LLaMA-family runtime: load a GGUF file (weights used in place from the mapping) and evaluate tokens.
+// The decoder-only transformer runtime (llama, qwen2, qwen3, ...): load a GGUF file (weights used in place from the mapping) and evaluate tokens.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -20,22 +22,53 @@ namespace lowbit {
 inline constexpr const char* kEndOfTurnTexts[] = {"<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>",
                                                   "<|endoftext|>", "<|end_of_text|>"};
 
-// Hyper-parameters read from the file's llama.* keys (see spec/container.md).
+// What sets one architecture's forward pass apart from LLaMA's, as data: the loader picks the row named by
+// general.architecture (Model::architectures()), and the layer body reads it without asking which row it is.
+enum class RopeStyle : uint8_t {
+    kInterleaved,  // pairs (2j, 2j+1) of each head; ggml rope "normal" (llama: q/k rows permuted at conversion)
+    kNeox,         // pairs (j, j + n_rot/2); ggml rope "neox" (HF's rotate_half, as qwen2/qwen3 store q/k)
+};
+enum class Activation : uint8_t { kSilu, kGeluTanh };  // of the gate in act(x @ Wgate) * (x @ Wup)
+enum class NormPlacement : uint8_t {
+    kPre,       // x += f(norm(x))
+    kSandwich,  // x += post_norm(f(norm(x)))  (blk.N.post_attention_norm / post_ffw_norm)
+};
+
+struct ArchSpec {
+    const char* name = "";                 // general.architecture, the prefix of its hyper-parameter keys
+    NormPlacement norm = NormPlacement::kPre;
+    bool qkv_bias = false;                 // blk.N.attn_{q,k,v}.bias added after the projections
+    bool qk_norm = false;                  // blk.N.attn_{q,k}_norm: RMSNorm of each head of q and k before RoPE
+    Activation act = Activation::kSilu;
+    RopeStyle rope = RopeStyle::kInterleaved;
+    bool embed_scale = false;              // embeddings scaled by sqrt(n_embd)
+    // Layer kinds: with swa_pattern P > 0, every P-th block attends to all positions and the others to a
+    // window of {arch}.attention.sliding_window; 0: every block is global. The rope base of the sliding
+    // blocks is rope_base_swa (0: the file's rope.freq_base); rope scaling applies to global blocks.
+    int swa_pattern = 0;
+    float rope_base_swa = 0.0f;
+    bool tied_output = false;              // the head always reuses token_embd (output.weight never read)
+    bool logit_softcap = false;            // logits = c * tanh(logits / c), c = {arch}.final_logit_softcapping
+};
+
+// Hyper-parameters read from the file's {arch}.* keys (see spec/container.md).
 struct ModelConfig {
-    std::string architecture;    // "llama" or "mistral"
+    std::string architecture;    // general.architecture, one of Model::architectures()
+    ArchSpec arch;               // its row
     std::string name;            // general.name, or ""
     int n_vocab = 0;             // rows of token_embd
-    int n_ctx_train = 0;         // llama.context_length
-    int n_embd = 0;              // llama.embedding_length
-    int n_layer = 0;             // llama.block_count
-    int n_ff = 0;                // llama.feed_forward_length
-    int n_head = 0;              // llama.attention.head_count
-    int n_head_kv = 0;           // llama.attention.head_count_kv (default n_head)
-    int head_dim = 0;            // llama.attention.key_length (default n_embd / n_head)
-    int n_rot = 0;               // llama.rope.dimension_count (default head_dim)
+    int n_ctx_train = 0;         // {arch}.context_length
+    int n_embd = 0;              // {arch}.embedding_length
+    int n_layer = 0;             // {arch}.block_count
+    int n_ff = 0;                // {arch}.feed_forward_length
+    int n_head = 0;              // {arch}.attention.head_count
+    int n_head_kv = 0;           // {arch}.attention.head_count_kv (default n_head)
+    int head_dim = 0;            // {arch}.attention.key_length (default n_embd / n_head)
+    int n_rot = 0;               // {arch}.rope.dimension_count (default head_dim)
     float rope_freq_base = 10000.0f;
-    float rope_freq_scale = 1.0f;  // 1 / llama.rope.scaling.factor for "linear" scaling
-    float rms_eps = 1e-5f;       // llama.attention.layer_norm_rms_epsilon
+    float rope_freq_scale = 1.0f;  // 1 / {arch}.rope.scaling.factor for "linear" scaling
+    float rms_eps = 1e-5f;       // {arch}.attention.layer_norm_rms_epsilon
+    float logit_softcap = 0.0f;  // {arch}.final_logit_softcapping where the row has it; 0: none
     bool tied_embeddings = false;  // output.weight absent: the head reuses token_embd
     // Tokens that end a generation: tokenizer.ggml.eos/eot/eom_token_id, and control tokens whose text is an
     // end-of-turn marker of a known chat format ("<|im_end|>", "<|eot_id|>", ...). Sorted, unique.
@@ -71,6 +104,43 @@ struct WeightView {
     const uint8_t* panels = nullptr;  // load-time repacked copy (cpu::repack_panels), CPU layers only
 };
 
+// Where a transformer block runs.
+enum class Backend : uint8_t { kCpu, kCuda };
+
+// One transformer block: its weights (views into the mapping or owned copies; null where the architecture
+// has no such tensor) and where it runs.
+struct Layer {
+    const float* attn_norm = nullptr;   // (n_embd)
+    WeightView wq;                      // (n_head * head_dim, n_embd)
+    WeightView wk;                      // (n_head_kv * head_dim, n_embd)
+    WeightView wv;                      // (n_head_kv * head_dim, n_embd)
+    const float* bq = nullptr;          // (n_head * head_dim)     ArchSpec::qkv_bias
+    const float* bk = nullptr;          // (n_head_kv * head_dim)
+    const float* bv = nullptr;          // (n_head_kv * head_dim)
+    const float* q_norm = nullptr;      // (head_dim)  ArchSpec::qk_norm
+    const float* k_norm = nullptr;      // (head_dim)
+    WeightView wo;                      // (n_embd, n_head * head_dim)
+    const float* attn_post_norm = nullptr;  // (n_embd)  NormPlacement::kSandwich
+    const float* ffn_norm = nullptr;    // (n_embd)
+    WeightView w_gate;                  // (n_ff, n_embd)
+    WeightView w_up;                    // (n_ff, n_embd)
+    WeightView w_down;                  // (n_embd, n_ff)
+    const float* ffn_post_norm = nullptr;   // (n_embd)  NormPlacement::kSandwich
+
+    Backend backend = Backend::kCpu;
+    int slot = 0;      // index among its backend's blocks (the CPU KV cache's layer, the GPU backend's layer)
+    int rope = 0;      // which rope table: 0 global, 1 sliding-window blocks
+    int window = 0;    // attends to the last `window` positions; 0: all
+
+    // The matrices, in the order decode reads them.
+    std::array<const WeightView*, 7> matrices() const { return {&wq, &wk, &wv, &wo, &w_gate, &w_up, &w_down}; }
+    std::array<WeightView*, 7> matrices() { return {&wq, &wk, &wv, &wo, &w_gate, &w_up, &w_down}; }
+};
+
+class WeightStore;  // cpp/src/weights.h
+class KvCache;
+class GpuLayers;
+
 class Model {
 public:
     static std::unique_ptr<Model> load(const std::string& path, const ModelParams& params);
@@ -102,35 +172,38 @@ public:
 
     MemoryFootprint memory_footprint() const;
 
+    // The architectures lowbit runs, one row each.
+    static const std::vector<ArchSpec>& architectures();
+
 private:
-    Model() = default;
+    Model();
 
-    struct Layer {
-        const float* attn_norm = nullptr;  // (n_embd)
-        WeightView wq;                     // (n_head * head_dim, n_embd)
-        WeightView wk;                     // (n_head_kv * head_dim, n_embd)
-        WeightView wv;                     // (n_head_kv * head_dim, n_embd)
-        WeightView wo;                     // (n_embd, n_head * head_dim)
-        const float* ffn_norm = nullptr;   // (n_embd)
-        WeightView w_gate;                 // (n_ff, n_embd)
-        WeightView w_up;                   // (n_ff, n_embd)
-        WeightView w_down;                 // (n_embd, n_ff)
-    };
-
+    // ---- loading (cpp/src/model.cpp, after the forward pass) ----
+    void read_config(const std::string& path);
     void load_tensors();
-    void setup_gpu();
-    void repack_cpu_weights();
     void allocate_state();
-    // One chunk of n <= n_batch tokens at positions pos0.. : hidden state x (n, n_embd) in and out.
+
+    // ---- the forward pass: one chunk of n <= n_batch tokens at positions pos0.. ----
     void embed(const int32_t* tokens, int n, float* x);
-    void forward_layers_cpu(int layer_begin, int layer_end, float* x, int n, int pos0);
-    void forward_layers_gpu(float* x, int n, int pos0);  // blocks [gpu_begin_, n_layer)
-    void output_head_gpu(const float* x, int n, float* logits);
-    void truncate_gpu(int n_keep);
-    uint64_t gpu_bytes() const;
-    void attention(int layer, int n, int pos0);
+    void rope_tables(int n, int pos0);
+    void run_layer_cpu(const Layer& L, float* x, int n, int pos0);
     void output_head(const float* x, int n, float* logits);
-    void apply_rope(float* vec, int n_heads, int n, int pos0);
+
+    // ---- layer ops of the CPU blocks; n tokens, buffers (n, width) ----
+    struct Projection {
+        const WeightView* w;
+        const float* bias;  // (n_out) or null
+        float* out;         // (n, n_out)
+    };
+    void norm(const float* x, const float* weight, int n, float* out);
+    void project(std::initializer_list<Projection> ps, const float* in, int n);
+    void matmul(const WeightView& w, const float* in, int n, float* out);
+    void head_norm(float* v, const float* weight, int n_heads, int n);
+    void rope(float* v, int n_heads, int table, int n);
+    void store_kv(int slot, int n, int pos0);
+    void attention(int slot, int window, int n, int pos0);
+    void matmul_add(const WeightView& w, const float* in, const float* post_norm, int n, float* x);
+    void gated_activation(float* gate, const float* up, int64_t count);
 
     ModelParams params_;
     ModelConfig config_;
@@ -138,55 +211,22 @@ private:
     std::unique_ptr<ThreadPool> pool_;
     int n_ctx_ = 0;
 
-    // ---- layer offload: blocks [gpu_begin_, n_layer) (and the head when gpu_output_) run on the GPU ----
-    struct Gpu;                   // the CUDA backend, in builds that have it
-    std::unique_ptr<Gpu> gpu_;
-    int gpu_begin_ = 0;           // first block on the GPU; == n_layer when none is
-    bool gpu_output_ = false;
-
-    // ---- weights (views into the mapping, or into owned_ for converted tensors) ----
-    WeightView token_embd;          // (n_vocab, n_embd)
-    const float* output_norm = nullptr;  // (n_embd)
-    bool embed_from_panels_ = false;     // embed() reads token rows from output.panels (tied head)
-    WeightView output;              // (n_vocab, n_embd); == token_embd when tied
+    // ---- weights ----
+    std::unique_ptr<WeightStore> store_;     // owned copies and the repacked arena (cpp/src/weights.cpp)
+    WeightView token_embd;                   // (n_vocab, n_embd)
+    const float* output_norm = nullptr;      // (n_embd)
+    bool embed_from_panels_ = false;         // embed() reads token rows from output.panels (tied head)
+    WeightView output;                       // (n_vocab, n_embd); == token_embd when tied
     std::vector<Layer> layers_;
-    std::vector<float> rope_inv_freq_;  // (n_rot / 2) per-pair angular frequency
-    bool has_rope_freq_factors_ = false;  // rope_freqs.weight present
-    // Zeroed storage. kWeights (tensors converted or repacked at load): from 4 MiB on a 2 MiB-aligned anonymous
-    // mapping with transparent huge pages (a 1 GB repack then costs ~500 page faults instead of ~250,000),
-    // smaller ones on the heap. kCache (the KV cache): a mapping of 4 KiB pages that become resident only as
-    // the cache fills, so RSS follows the context in use, not n_ctx.
-    class OwnedBuffer {
-    public:
-        enum Kind { kWeights, kCache };
-        OwnedBuffer() = default;
-        explicit OwnedBuffer(size_t n, Kind kind = kWeights);
-        OwnedBuffer(const uint8_t* begin, const uint8_t* end);
-        OwnedBuffer(OwnedBuffer&& o) noexcept : p_(o.p_), n_(o.n_), mapped_(o.mapped_) { o.p_ = nullptr; o.n_ = 0; }
-        OwnedBuffer& operator=(OwnedBuffer&& o) noexcept {
-            std::swap(p_, o.p_);
-            std::swap(n_, o.n_);
-            std::swap(mapped_, o.mapped_);
-            return *this;
-        }
-        OwnedBuffer(const OwnedBuffer&) = delete;
-        ~OwnedBuffer();
-        uint8_t* data() const { return p_; }
-        size_t size() const { return n_; }
+    std::vector<float> rope_inv_freq_[2];    // (n_rot / 2) per-pair angular frequency, per rope table
+    bool has_rope_freq_factors_ = false;     // rope_freqs.weight present
 
-    private:
-        uint8_t* p_ = nullptr;
-        size_t n_ = 0;
-        bool mapped_ = false;
-    };
-    std::vector<OwnedBuffer> owned_;
-    size_t owned_padding_ = 0;  // bytes of owned_ between repacked matrices (alignment), not weights
-    uint64_t weights_mapped_ = 0;
+    // ---- the blocks on the GPU and the head when head_on_gpu_ (cpp/src/weights.cpp) ----
+    std::unique_ptr<GpuLayers> gpu_;
+    bool head_on_gpu_ = false;
 
-    // ---- KV cache of the CPU blocks: (gpu_begin_, n_ctx, n_head_kv * head_dim), f32 or f16 ----
-    OwnedBuffer k_cache_;
-    OwnedBuffer v_cache_;
-    size_t kv_elem_bytes_ = 4;
+    // ---- KV cache of the CPU blocks and the tokens in it ----
+    std::unique_ptr<KvCache> kv_;
     std::vector<int32_t> tokens_;   // (n_past) the tokens in the cache
 
     // ---- scratch, sized for n_batch tokens ----
@@ -196,10 +236,10 @@ private:
     std::vector<float> k_;       // (n_batch, n_head_kv * head_dim)
     std::vector<float> v_;       // (n_batch, n_head_kv * head_dim)
     std::vector<float> att_out_; // (n_batch, n_head * head_dim)
-    std::vector<float> hb_;      // (n_batch, n_ff) gate, then silu(gate) * up
+    std::vector<float> hb_;      // (n_batch, n_ff) gate, then act(gate) * up
     std::vector<float> hb2_;     // (n_batch, n_ff) up
     std::vector<float> att_;     // (n_threads, n_ctx + head_dim) scores and a converted value row
-    std::vector<float> rope_cs_; // (n_batch, n_rot) cos, sin pairs per position
+    std::vector<float> rope_cs_[2];  // (n_batch, n_rot) cos, sin pairs per position, per rope table
     std::vector<uint8_t> act_scratch_;  // quantized activations for matmul
 
     std::mutex mutex_;  // one eval at a time per model
