@@ -1,4 +1,4 @@
-// The forward pass of decoder-only transformers (llama, mistral): embed -> blocks [norm, attention,
+// The forward pass of decoder-only transformers (llama, qwen2, qwen3): embed -> blocks [norm, attention,
 // norm, gated feed-forward] -> norm -> output head, each architecture one row of ArchSpec. Reads top to
 // bottom, then the loading; where the bytes live is cpp/src/weights.cpp, the heavy lifting cpu::matmul.
 #include "lowbit/model.h"
@@ -27,6 +27,8 @@ const std::vector<ArchSpec> kArchitectures = {
     // name      norm      qkv_bias qk_norm act        rope            embed_scale swa rope_base_swa tied  softcap
     {"llama",   NP::kPre, false,   false,  Act::kSilu, Rope::kInterleaved, false,  0,  0.0f,        false, false},
     {"mistral", NP::kPre, false,   false,  Act::kSilu, Rope::kInterleaved, false,  0,  0.0f,        false, false},
+    {"qwen2",   NP::kPre, true,    false,  Act::kSilu, Rope::kNeox,        false,  0,  0.0f,        false, false},
+    {"qwen3",   NP::kPre, false,   true,   Act::kSilu, Rope::kNeox,        false,  0,  0.0f,        false, false},
 };
 }  // namespace
 

@@ -1,4 +1,5 @@
-// The decoder-only transformer runtime (llama, qwen2, qwen3, ...): load a GGUF file (weights used in place from the mapping) and evaluate tokens.
+// The decoder-only transformer runtime (llama, qwen2, qwen3): load a GGUF file (weights used in place from the
+// mapping) and evaluate tokens.
 #pragma once
 
 #include <array>
