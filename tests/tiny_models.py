@@ -254,3 +254,69 @@ def tokenizer_test_strings() -> list[str]:
         n = rng.randint(1, 8)
         extra.append("".join(rng.choice(words) + rng.choice(["", " ", "  ", ",", ".", "\n"]) for _ in range(n)))
     return base + extra
+
+
+# Architectures make_tiny_model builds: name -> (transformers config class, model class).
+TINY_ARCHITECTURES = {
+    "llama3": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+
+# Llama 3's RoPE scaling with a short original context, so that with head_dim 16 and base 1e4 the 8 pair
+# frequencies fall in all three regimes: wavelength < 16 kept, 16..64 blended, > 64 divided by the factor.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def make_tiny_model(tmp_path: Path, arch: str, seed: int = 0, tied: bool = False, n_kv_heads: int = 2,
+                    head_dim: Optional[int] = None, n_layers: int = 2, vocab: int = 400) -> Path:
+    """A seeded tiny checkpoint of another architecture (TINY_ARCHITECTURES), f32 safetensors; returns its path.
+
+    hidden 64, 4 heads (n_kv_heads for K/V), intermediate 128, max_position 256. "llama3": LlamaForCausalLM
+    with LLAMA3_ROPE scaling; "qwen2": q/k/v biases; "qwen3": per-head q/k norms (head_dim 24 unless given,
+    so the head size differs from hidden / heads). Every parameter is redrawn (the 1-D ones -- norms, biases
+    -- too, so a norm or bias that is dropped or misplaced shows in the logits).
+    """
+    import torch
+    import transformers
+
+    cfg_name, model_name = TINY_ARCHITECTURES[arch]
+    out = Path(tmp_path) / f"tiny-{arch}-{'tied' if tied else 'untied'}-s{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    n_vocab = _tokenizer_files(out, vocab, "smollm", False)
+    kwargs: dict[str, Any] = {}
+    if arch == "qwen3":
+        kwargs["head_dim"] = head_dim or 24
+    elif head_dim is not None:
+        kwargs["head_dim"] = head_dim
+    if arch == "llama3":
+        kwargs["rope_parameters"] = dict(LLAMA3_ROPE)
+    else:
+        kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6 if arch == "qwen3" else 1e5}
+    config = getattr(transformers, cfg_name)(
+        vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=n_kv_heads, max_position_embeddings=256, rms_norm_eps=1e-6,
+        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2, **kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+            elif p.ndim == 1:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (1.0 / p.shape[-1] ** 0.5) * (4.0 if "embed" in pname else 1.0))
+    model.save_pretrained(out)
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    return out
+
+
+def load_hf_model(hf_dir: Path):
+    """The checkpoint as its transformers class (from config.json's architectures), fp32, eval mode."""
+    import torch
+    import transformers
+
+    arch = json.loads((Path(hf_dir) / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, arch).from_pretrained(hf_dir, dtype=torch.float32).eval()
