@@ -20,22 +20,28 @@ if ! echo 'int main() { return __builtin_cpu_supports("f16c"); }' | "$CXX" -x c+
   common+=(-include "$PWD/tests/fuzz/cpu_compat.h")
 fi
 avx2=(-mavx2 -mfma -mf16c -mbmi2)
-avx512=(-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni "${avx2[@]}")
+avx512=(-mavx512f -mavx512bw -mavx512vl -mavx512dq "${avx2[@]}")
+avx512vnni=(-mavx512vnni "${avx512[@]}")
 objs=()
 compile() {  # source, extra flags...
   local src=$1; shift
   local obj="$dir/obj/$(basename "${src%.cpp}").o"
   if [ ! -f "$obj" ] || [ "$src" -nt "$obj" ] || [ cpp/include/lowbit/gguf.h -nt "$obj" ] ||
-     [ cpp/include/lowbit/types.h -nt "$obj" ]; then
+     [ cpp/include/lowbit/types.h -nt "$obj" ] || [ cpp/include/lowbit/qtypes.def -nt "$obj" ]; then
     "$CXX" "${common[@]}" -fsanitize=fuzzer-no-link "$@" -c "$src" -o "$obj"
   fi
   objs+=("$obj")
 }
+# The container, and the type registry with everything it links: the reference quantizers, the thread pool
+# quantize() runs on, and the kernel tables whose row quantizers it dispatches to (each ISA with its flags).
 compile cpp/src/gguf.cpp
-compile cpp/src/types.cpp
-compile cpp/src/quants_ref.cpp
-compile cpp/src/cpu/quantize_avx2.cpp "${avx2[@]}"
-compile cpp/src/cpu/quantize_avx512.cpp "${avx512[@]}"
+for src in cpp/src/types.cpp cpp/src/quants_*.cpp cpp/src/threads.cpp cpp/src/cpu/dispatch.cpp \
+           cpp/src/cpu/matmul.cpp cpp/src/cpu/*_generic.cpp; do
+  compile "$src"
+done
+for src in cpp/src/cpu/*_avx2.cpp; do compile "$src" "${avx2[@]}"; done
+for src in cpp/src/cpu/*_avx512.cpp; do compile "$src" "${avx512[@]}"; done
+for src in cpp/src/cpu/*_avx512vnni.cpp; do compile "$src" "${avx512vnni[@]}"; done
 "$CXX" "${common[@]}" -fsanitize=fuzzer -Itests/fuzz tests/fuzz/fuzz_gguf_reader.cpp "${objs[@]}" -lpthread \
   -o "$dir/fuzz_gguf_reader"
 echo "built $dir/fuzz_gguf_reader"
