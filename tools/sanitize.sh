@@ -13,6 +13,7 @@ start=$(date +%s)
 
 fail() { echo "sanitize: FAILED: $*" >&2; exit 1; }
 
+mkdir -p build
 echo "== configure + build ($dir, -j$jobs)"
 if [ ! -f "$dir/CMakeCache.txt" ]; then
   cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLOWBIT_SANITIZE=ON -DLOWBIT_TESTS=ON \
