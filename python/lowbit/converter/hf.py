@@ -160,7 +160,9 @@ def model_metadata(p: LlamaParams, file_type: int) -> list[KV]:
     if p.rope_scaling_type == "linear":
         kvs += [KV.str(f"{a}.rope.scaling.type", "linear"), KV.f32(f"{a}.rope.scaling.factor", p.rope_scaling_factor)]
     kvs += [KV.f32(f"{a}.rope.freq_base", p.rope_theta), KV.f32(f"{a}.attention.layer_norm_rms_epsilon", p.rms_eps)]
-    if p.explicit_head_dim or p.head_dim != p.n_embd // p.n_head:
+    # llama.cpp writes the head size whenever config.json has head_dim; for llama lowbit writes it only where
+    # it differs from n_embd / n_head (the value llama.cpp's loader defaults to), as it always has.
+    if p.head_dim != p.n_embd // p.n_head or (p.explicit_head_dim and a != "llama"):
         kvs += [KV.u32(f"{a}.attention.key_length", p.head_dim), KV.u32(f"{a}.attention.value_length", p.head_dim)]
     kvs.append(KV.u32("general.file_type", file_type))
     if a == "llama":  # conversion/llama.py: vocabulary size and RoPE dimensions, after the common keys
