@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "lowbit/kernels.h"
+#include "lowbit/types.h"
 
 using lowbit::QType;
 namespace cpu = lowbit::cpu;
@@ -156,6 +157,43 @@ Weights make_weights(QType t, int n_out, int k) {
             }
             break;
         }
+        case QType::Q5_0:
+        case QType::Q4_K:
+        case QType::Q5_K:
+        case QType::Q6_K: {
+            // Random bytes with finite fp16 scales; the values from the reference dequantizer (quants_more.cpp,
+            // quants_k.cpp), which the golden-vector tests hold to llama.cpp's.
+            const int block = t == QType::Q5_0 ? 32 : 256;
+            const size_t bb = t == QType::Q5_0 ? 22 : t == QType::Q4_K ? 144 : t == QType::Q5_K ? 176 : 210;
+            w.row_bytes = k / block * bb;
+            w.bytes.resize(w.row_bytes * n_out);
+            for (auto& b : w.bytes) b = static_cast<uint8_t>(randu(256));
+            std::vector<float> row(k);
+            for (int r = 0; r < n_out; ++r) {
+                uint8_t* p = w.bytes.data() + r * w.row_bytes;
+                for (int b = 0; b < k / block; ++b) {
+                    uint8_t* blk = p + b * bb;
+                    put16(t == QType::Q6_K ? blk + 208 : blk, random_half_scale());
+                    if (t == QType::Q4_K || t == QType::Q5_K) put16(blk + 2, random_half_scale());
+                }
+                const int64_t n = k;
+                float* out = row.data();
+                switch (t) {
+                    case QType::Q5_0:
+                        lowbit::dequantize_row_q5_0(reinterpret_cast<const block_q5_0*>(p), out, n);
+                        break;
+                    case QType::Q4_K:
+                        lowbit::dequantize_row_q4_K(reinterpret_cast<const block_q4_K*>(p), out, n);
+                        break;
+                    case QType::Q5_K:
+                        lowbit::dequantize_row_q5_K(reinterpret_cast<const block_q5_K*>(p), out, n);
+                        break;
+                    default: lowbit::dequantize_row_q6_K(reinterpret_cast<const block_q6_K*>(p), out, n);
+                }
+                for (int j = 0; j < k; ++j) w.value[static_cast<size_t>(r) * k + j] = row[j];
+            }
+            break;
+        }
         default: break;
     }
     return w;
@@ -180,7 +218,7 @@ void oracle_quantize(const float* x, int k, std::vector<float>& d, std::vector<i
     }
 }
 
-bool is_quant(QType t) { return t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q8_0 || t == QType::NF4; }
+bool is_quant(QType t) { return t != QType::F16 && t != QType::BF16 && t != QType::F32; }
 
 const char* type_name(QType t) {
     switch (t) {
@@ -188,6 +226,10 @@ const char* type_name(QType t) {
         case QType::Q4_1: return "q4_1";
         case QType::Q8_0: return "q8_0";
         case QType::NF4: return "nf4";
+        case QType::Q5_0: return "q5_0";
+        case QType::Q4_K: return "q4_K";
+        case QType::Q5_K: return "q5_K";
+        case QType::Q6_K: return "q6_K";
         case QType::F16: return "f16";
         case QType::BF16: return "bf16";
         case QType::F32: return "f32";
@@ -286,7 +328,10 @@ void check_matmul(const cpu::Kernels& kt, QType t, lowbit::ThreadPool& pool1, lo
 // with the same ISA's row kernels; 1 and 2 threads bit-identical. Returns the number of shapes run.
 int check_panels(const cpu::Kernels& kt, QType t, lowbit::ThreadPool& pool1, lowbit::ThreadPool& pool2) {
     int ran = 0;
-    const std::vector<int> ks = t == QType::NF4 ? std::vector<int>{64, 128, 4160} : std::vector<int>{32, 96, 4128};
+    const bool k_quant = t == QType::Q4_K || t == QType::Q5_K || t == QType::Q6_K;
+    const std::vector<int> ks = t == QType::NF4 ? std::vector<int>{64, 128, 4160}
+                                : k_quant       ? std::vector<int>{256, 512, 2304}
+                                                : std::vector<int>{32, 96, 4128};
     for (int k : ks) {
         for (int n_out : {16, 48}) {
             const Weights w = make_weights(t, n_out, k);
@@ -304,7 +349,7 @@ int check_panels(const cpu::Kernels& kt, QType t, lowbit::ThreadPool& pool1, low
                     }
                 }
             }
-            for (int n_tok : {1, 3, 9, 33}) {
+            for (int n_tok : {1, 2, 3, 4, 5, 9, 26, 33}) {
                 std::vector<float> x(static_cast<size_t>(n_tok) * k);
                 for (auto& v : x) v = randn() * (randu(97) == 0 ? 20.0f : 1.0f);
                 cpu::set_isa(kt.isa);
@@ -410,7 +455,8 @@ int main() {
             check_matmul(*kt, t, pool1, pool2);
         }
         std::string with_panels;
-        for (QType t : {QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::NF4}) {
+        for (QType t : {QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::NF4, QType::Q5_0, QType::Q4_K, QType::Q5_K,
+                        QType::Q6_K}) {
             if (check_panels(*kt, t, pool1, pool2) > 0) with_panels += std::string(" ") + type_name(t);
         }
         std::printf("  panel kernels:%s\n", with_panels.empty() ? " none" : with_panels.c_str());

@@ -7,6 +7,7 @@
 
 #include "cpu/kernels_internal.h"
 #include "cpu/kernels_more.h"
+#include "cpu/panels_kquants.h"
 
 namespace lowbit {
 namespace cpu {
@@ -31,6 +32,7 @@ constexpr Kernels make_avx2_table() {
     t.at(QType::F32).dot = dot_float<LoadF32>;
     // The types added with the K-quants (cpu/kernels_more.h)
     t.at(QType::Q5_0).dot = dot_q5_0_avx2;
+    t.at(QType::Q5_0).panel = panel_q5_0_avx2;
     t.at(QType::Q5_1).dot = dot_q5_1_avx2;
     t.at(QType::IQ4_NL).dot = dot_iq4_nl_avx2;
     t.at(QType::IQ4_XS).dot = dot_iq4_xs_avx2;
@@ -38,8 +40,11 @@ constexpr Kernels make_avx2_table() {
     t.at(QType::Q2_K).dot = dot_q2_K_avx2;
     t.at(QType::Q3_K).dot = dot_q3_K_avx2;
     t.at(QType::Q4_K).dot = dot_q4_K_avx2;
+    t.at(QType::Q4_K).panel = panel_q4_K_avx2;
     t.at(QType::Q5_K).dot = dot_q5_K_avx2;
+    t.at(QType::Q5_K).panel = panel_q5_K_avx2;
     t.at(QType::Q6_K).dot = dot_q6_K_avx2;
+    t.at(QType::Q6_K).panel = panel_q6_K_avx2;
     return t;
 }
 

@@ -6,6 +6,8 @@
 #include <vector>
 
 #include "cpu/kernels_internal.h"
+#include "cpu/kernels_more.h"
+#include "cpu/panels_kquants.h"
 
 namespace lowbit {
 namespace cpu {
@@ -148,8 +150,9 @@ void matmul(QType wt, const void* w, size_t w_row_bytes, int64_t n_out, int64_t 
     });
 }
 
-// Panel layout per type (kernels.h): per scale block of 16 rows, the scales, then for every 32-element
-// sub-block four (nibble types) or eight (Q8_0) 64-byte vectors of 16 row dwords. Same size as the rows.
+// Panel layout per type (kernels.h; Q5_0 and the K-quants in cpu/panels_kquants.h): per scale block of 16
+// rows, the scales, then for every 32-element sub-block four (nibble types) or eight (Q8_0) 64-byte vectors of
+// 16 row dwords, and for 5- and 6-bit values one or two vectors of their upper bits.
 struct PanelFormat {
     int64_t block;       // elements per scale block
     size_t block_bytes;  // bytes per scale block of 16 rows
@@ -161,6 +164,10 @@ bool panel_format(QType t, PanelFormat* f) {
         case QType::Q4_1: *f = {32, 32 + 32 + 256}; return true;      // fp16 d, fp16 m; nibbles
         case QType::Q8_0: *f = {32, 32 + 512}; return true;           // fp16 d; bytes w + 128
         case QType::NF4: *f = {64, 64 + 2 * 256}; return true;        // fp32 absmax / 127; 2 x nibbles
+        case QType::Q5_0: *f = {32, kPanelQ5_0Bytes}; return true;
+        case QType::Q4_K: *f = {QK_K, kPanelQ4_KBytes}; return true;
+        case QType::Q5_K: *f = {QK_K, kPanelQ5_KBytes}; return true;
+        case QType::Q6_K: *f = {QK_K, kPanelQ6_KBytes}; return true;
         default: return false;
     }
 }
@@ -230,6 +237,193 @@ void repack_row_nf4(const uint8_t* row, int64_t nb, int r, uint8_t* dst, size_t 
     }
 }
 
+
+// ---- Q5_0 and the K-quants (layouts in cpu/panels_kquants.h) --------------------------------------
+// A row's scale block is first spelled out as its quant values q (0 .. 2^bits - 1, one byte per element)
+// and scales, which are then scattered into lane r of the panel block; panel_row gathers and packs them back.
+
+// 32 values of one row's sub-block <-> lane r of the sub-block's vectors at dst (kPanelSubBytes(bits) bytes).
+void put_sub(const uint8_t* q, int bits, int r, uint8_t* dst) {
+    for (int v = 0; v < 4; ++v) {
+        for (int b = 0; b < 4; ++b) {
+            dst[64 * v + 4 * r + b] = static_cast<uint8_t>((q[4 * v + b] & 15) | (q[16 + 4 * v + b] & 15) << 4);
+        }
+    }
+    for (int b = 0; b < 4 && bits == 5; ++b) {
+        int byte = 0;
+        for (int v = 0; v < 4; ++v) byte |= (q[4 * v + b] >> 4 & 1) << v | (q[16 + 4 * v + b] >> 4 & 1) << (4 + v);
+        dst[256 + 4 * r + b] = static_cast<uint8_t>(byte);
+    }
+    for (int g = 0; g < 2 && bits == 6; ++g) {
+        for (int b = 0; b < 4; ++b) {
+            int byte = 0;
+            for (int v = 0; v < 4; ++v) byte |= (q[16 * g + 4 * v + b] >> 4 & 3) << (2 * v);
+            dst[256 + 64 * g + 4 * r + b] = static_cast<uint8_t>(byte);
+        }
+    }
+}
+void get_sub(const uint8_t* src, int bits, int r, uint8_t* q) {
+    for (int v = 0; v < 4; ++v) {
+        for (int b = 0; b < 4; ++b) {
+            const uint8_t n = src[64 * v + 4 * r + b];
+            q[4 * v + b] = n & 15;
+            q[16 + 4 * v + b] = n >> 4;
+        }
+    }
+    for (int b = 0; b < 4 && bits == 5; ++b) {
+        const int byte = src[256 + 4 * r + b];
+        for (int v = 0; v < 4; ++v) {
+            q[4 * v + b] |= static_cast<uint8_t>((byte >> v & 1) << 4);
+            q[16 + 4 * v + b] |= static_cast<uint8_t>((byte >> (4 + v) & 1) << 4);
+        }
+    }
+    for (int g = 0; g < 2 && bits == 6; ++g) {
+        for (int b = 0; b < 4; ++b) {
+            const int byte = src[256 + 64 * g + 4 * r + b];
+            for (int v = 0; v < 4; ++v) q[16 * g + 4 * v + b] |= static_cast<uint8_t>((byte >> (2 * v) & 3) << 4);
+        }
+    }
+}
+
+// A row's scale block spelled out: fp16 d (and dmin), per-32 scales/minima (Q4_K, Q5_K) or per-16 int8
+// scales (Q6_K), and the quant values of its elements.
+struct Spelled {
+    uint16_t d, dmin;
+    uint8_t sc[16], mn[8];
+    uint8_t q[QK_K];
+};
+
+// Q4_K / Q5_K: element 32j + l sits in nibble j % 2 of qs[32 (j / 2) + l]; Q5_K's fifth bit is bit j of qh[l].
+template <class Block>
+void spell_k4(const Block& x, Spelled& s) {
+    std::memcpy(&s.d, &x.d, 2);
+    std::memcpy(&s.dmin, &x.dmin, 2);
+    detail::scale_min_k4(x.scales, s.sc, s.mn);
+    for (int j = 0; j < 8; ++j) {
+        for (int l = 0; l < 32; ++l) {
+            int q = x.qs[32 * (j / 2) + l] >> (4 * (j % 2)) & 15;
+            if constexpr (sizeof(Block) == sizeof(block_q5_K)) q |= (x.qh[l] >> j & 1) << 4;
+            s.q[32 * j + l] = static_cast<uint8_t>(q);
+        }
+    }
+}
+template <class Block>
+void pack_k4(const Spelled& s, Block& x) {
+    std::memcpy(&x.d, &s.d, 2);
+    std::memcpy(&x.dmin, &s.dmin, 2);
+    for (int i = 0; i < 4; ++i) {  // the inverse of detail::scale_min_k4
+        x.scales[i] = static_cast<uint8_t>((s.sc[i] & 63) | (s.sc[4 + i] >> 4) << 6);
+        x.scales[4 + i] = static_cast<uint8_t>((s.mn[i] & 63) | (s.mn[4 + i] >> 4) << 6);
+        x.scales[8 + i] = static_cast<uint8_t>((s.sc[4 + i] & 15) | (s.mn[4 + i] & 15) << 4);
+    }
+    std::memset(x.qs, 0, sizeof(x.qs));
+    if constexpr (sizeof(Block) == sizeof(block_q5_K)) std::memset(x.qh, 0, sizeof(x.qh));
+    for (int j = 0; j < 8; ++j) {
+        for (int l = 0; l < 32; ++l) {
+            const int q = s.q[32 * j + l];
+            x.qs[32 * (j / 2) + l] |= static_cast<uint8_t>((q & 15) << (4 * (j % 2)));
+            if constexpr (sizeof(Block) == sizeof(block_q5_K)) x.qh[l] |= static_cast<uint8_t>((q >> 4 & 1) << j);
+        }
+    }
+}
+
+// Q6_K: element 32j + l, j = 4n + s: low 4 bits in nibble s / 2 of ql[64n + 32 (s % 2) + l], high 2 bits in
+// bits 2s .. 2s+1 of qh[32n + l]; int8 scale sc[2j + l / 16].
+void spell_q6_K(const block_q6_K& x, Spelled& s) {
+    std::memcpy(&s.d, &x.d, 2);
+    std::memcpy(s.sc, x.scales, 16);
+    for (int j = 0; j < 8; ++j) {
+        const int n = j / 4, sub = j % 4;
+        for (int l = 0; l < 32; ++l) {
+            const int low = x.ql[64 * n + 32 * (sub % 2) + l] >> (4 * (sub / 2)) & 15;
+            const int high = x.qh[32 * n + l] >> (2 * sub) & 3;
+            s.q[32 * j + l] = static_cast<uint8_t>(low | high << 4);
+        }
+    }
+}
+void pack_q6_K(const Spelled& s, block_q6_K& x) {
+    std::memcpy(&x.d, &s.d, 2);
+    std::memcpy(x.scales, s.sc, 16);
+    std::memset(x.ql, 0, sizeof(x.ql));
+    std::memset(x.qh, 0, sizeof(x.qh));
+    for (int j = 0; j < 8; ++j) {
+        const int n = j / 4, sub = j % 4;
+        for (int l = 0; l < 32; ++l) {
+            const int q = s.q[32 * j + l];
+            x.ql[64 * n + 32 * (sub % 2) + l] |= static_cast<uint8_t>((q & 15) << (4 * (sub / 2)));
+            x.qh[32 * n + l] |= static_cast<uint8_t>((q >> 4) << (2 * sub));
+        }
+    }
+}
+
+// Q5_0: element l < 16 in the low nibble of qs[l], l >= 16 in the high nibble of qs[l - 16]; bit l of qh.
+void spell_q5_0(const block_q5_0& x, Spelled& s) {
+    std::memcpy(&s.d, &x.d, 2);
+    uint32_t qh;
+    std::memcpy(&qh, x.qh, 4);
+    for (int l = 0; l < 32; ++l) {
+        s.q[l] = static_cast<uint8_t>((x.qs[l % 16] >> (4 * (l / 16)) & 15) | (qh >> l & 1) << 4);
+    }
+}
+void pack_q5_0(const Spelled& s, block_q5_0& x) {
+    std::memcpy(&x.d, &s.d, 2);
+    uint32_t qh = 0;
+    std::memset(x.qs, 0, sizeof(x.qs));
+    for (int l = 0; l < 32; ++l) {
+        x.qs[l % 16] |= static_cast<uint8_t>((s.q[l] & 15) << (4 * (l / 16)));
+        qh |= static_cast<uint32_t>(s.q[l] >> 4 & 1) << l;
+    }
+    std::memcpy(x.qh, &qh, 4);
+}
+
+// Spelled block <-> lane r of a panel block of type t.
+void put_spelled(QType t, const Spelled& s, int r, uint8_t* dst) {
+    std::memcpy(dst + 2 * r, &s.d, 2);
+    if (t == QType::Q5_0) {
+        put_sub(s.q, 5, r, dst + 32);
+    } else if (t == QType::Q6_K) {
+        for (int i = 0; i < 16; ++i) dst[32 + 16 * i + r] = s.sc[i];
+        for (int j = 0; j < 8; ++j) put_sub(s.q + 32 * j, 6, r, dst + 288 + 384 * j);
+    } else {  // Q4_K, Q5_K
+        const int bits = t == QType::Q5_K ? 5 : 4;
+        std::memcpy(dst + 32 + 2 * r, &s.dmin, 2);
+        for (int j = 0; j < 8; ++j) {
+            dst[64 + 16 * j + r] = s.sc[j];
+            dst[192 + 16 * j + r] = s.mn[j];
+            put_sub(s.q + 32 * j, bits, r, dst + 320 + (bits == 5 ? 320 : 256) * j);
+        }
+    }
+}
+void get_spelled(QType t, const uint8_t* src, int r, Spelled& s) {
+    std::memcpy(&s.d, src + 2 * r, 2);
+    if (t == QType::Q5_0) {
+        get_sub(src + 32, 5, r, s.q);
+    } else if (t == QType::Q6_K) {
+        for (int i = 0; i < 16; ++i) s.sc[i] = src[32 + 16 * i + r];
+        for (int j = 0; j < 8; ++j) get_sub(src + 288 + 384 * j, 6, r, s.q + 32 * j);
+    } else {
+        const int bits = t == QType::Q5_K ? 5 : 4;
+        std::memcpy(&s.dmin, src + 32 + 2 * r, 2);
+        for (int j = 0; j < 8; ++j) {
+            s.sc[j] = src[64 + 16 * j + r];
+            s.mn[j] = src[192 + 16 * j + r];
+            get_sub(src + 320 + (bits == 5 ? 320 : 256) * j, bits, r, s.q + 32 * j);
+        }
+    }
+}
+
+template <QType T>
+void repack_row_spelled(const uint8_t* row, int64_t nb, int r, uint8_t* dst, size_t bb) {
+    Spelled s;
+    for (int64_t b = 0; b < nb; ++b, dst += bb) {
+        if constexpr (T == QType::Q5_0) spell_q5_0(reinterpret_cast<const block_q5_0*>(row)[b], s);
+        if constexpr (T == QType::Q4_K) spell_k4(reinterpret_cast<const block_q4_K*>(row)[b], s);
+        if constexpr (T == QType::Q5_K) spell_k4(reinterpret_cast<const block_q5_K*>(row)[b], s);
+        if constexpr (T == QType::Q6_K) spell_q6_K(reinterpret_cast<const block_q6_K*>(row)[b], s);
+        put_spelled(T, s, r, dst);
+    }
+}
+
 }  // namespace
 
 void repack_panels(QType t, const void* w, size_t w_row_bytes, int64_t n_out, int64_t k, void* out, int64_t p0,
@@ -237,9 +431,17 @@ void repack_panels(QType t, const void* w, size_t w_row_bytes, int64_t n_out, in
     PanelFormat f;
     if (!panels_supported(t, n_out, k) || !panel_format(t, &f)) throw Error("panels: unsupported type or shape");
     const int64_t nb = k / f.block;
-    void (*row_fn)(const uint8_t*, int64_t, int, uint8_t*, size_t) =
-        t == QType::Q4_0 ? repack_row_q4_0 : t == QType::Q4_1 ? repack_row_q4_1
-        : t == QType::Q8_0 ? repack_row_q8_0 : repack_row_nf4;
+    void (*row_fn)(const uint8_t*, int64_t, int, uint8_t*, size_t) = nullptr;
+    switch (t) {
+        case QType::Q4_0: row_fn = repack_row_q4_0; break;
+        case QType::Q4_1: row_fn = repack_row_q4_1; break;
+        case QType::Q8_0: row_fn = repack_row_q8_0; break;
+        case QType::NF4: row_fn = repack_row_nf4; break;
+        case QType::Q5_0: row_fn = repack_row_spelled<QType::Q5_0>; break;
+        case QType::Q4_K: row_fn = repack_row_spelled<QType::Q4_K>; break;
+        case QType::Q5_K: row_fn = repack_row_spelled<QType::Q5_K>; break;
+        default: row_fn = repack_row_spelled<QType::Q6_K>; break;
+    }
     for (int64_t p = p0; p < p1; ++p) {
         uint8_t* dst = static_cast<uint8_t*>(out) + static_cast<size_t>(p) * nb * f.block_bytes;
         for (int r = 0; r < kPanelRows; ++r) {
@@ -248,7 +450,11 @@ void repack_panels(QType t, const void* w, size_t w_row_bytes, int64_t n_out, in
     }
 }
 
-bool panel_row_exact(QType t) { return t == QType::Q4_0 || t == QType::Q4_1 || t == QType::Q8_0; }
+// Every panel but NF4's keeps the file's bytes, only moved (scales unpacked to a byte each, bits regrouped).
+bool panel_row_exact(QType t) {
+    PanelFormat f;
+    return t != QType::NF4 && panel_format(t, &f);
+}
 
 void panel_row(QType t, const void* panels, int64_t n_out, int64_t k, int64_t row, void* out) {
     PanelFormat f;
@@ -271,6 +477,18 @@ void panel_row(QType t, const void* panels, int64_t n_out, int64_t k, int64_t ro
                 std::memcpy(&o.d, src + 2 * r, 2);
                 std::memcpy(&o.m, src + 32 + 2 * r, 2);
                 for (int j = 0; j < 4; ++j) std::memcpy(o.qs + 4 * j, src + 64 + 64 * j + 4 * r, 4);
+                break;
+            }
+            case QType::Q5_0:
+            case QType::Q4_K:
+            case QType::Q5_K:
+            case QType::Q6_K: {
+                Spelled s;
+                get_spelled(t, src, r, s);
+                if (t == QType::Q5_0) pack_q5_0(s, static_cast<block_q5_0*>(out)[b]);
+                if (t == QType::Q4_K) pack_k4(s, static_cast<block_q4_K*>(out)[b]);
+                if (t == QType::Q5_K) pack_k4(s, static_cast<block_q5_K*>(out)[b]);
+                if (t == QType::Q6_K) pack_q6_K(s, static_cast<block_q6_K*>(out)[b]);
                 break;
             }
             default: {  // Q8_0
