@@ -7,6 +7,8 @@ redrawn) is converted with lowbit.convert, then:
   * Q8_0: close to transformers' fp32 (mean KL, top-1 agreement; thresholds below);
   * llama.cpp (llama_cpp.Llama) loads the same F32 file and its logits agree with transformers' (mean KL <=
     1e-4), so the file is what llama.cpp's converter writes, names and keys included.
+The runtime is also checked on a file written by llama.cpp's gguf-py from converter/hf.py's tensors and keys
+(hf.iter_tensors, hf.model_metadata), which does not depend on the conversion pipeline (converter/core.py).
 
 Q8_0 calibration (32 random tokens, seeds 0-5, AVX2 kernels; tests/test_model.py's method): worst mean KL and
 worst top-1 agreement over the seeds, then the limit (about twice the KL, about 0.1 below the top-1). A dropped
@@ -76,6 +78,34 @@ def tiny_gguf(arch: str, qtype: str, seed: int = 0):
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def gguf_py_file(arch: str):
+    """F32 GGUF of the tiny checkpoint written by gguf-py from hf.py's names, shapes and keys."""
+    import gguf
+    from lowbit.converter import hf
+    from lowbit.converter.metadata import VT
+    from lowbit.converter.vocab import tokenizer_metadata
+
+    hf_dir = tiny_hf(arch)
+    params = hf.LlamaParams.from_dir(hf_dir)
+    out = _ROOT / f"arch-{arch}-gguf-py.gguf"
+    w = gguf.GGUFWriter(str(out), params.gguf_arch)  # writes general.architecture itself
+    for kv in hf.model_metadata(params, 0) + tokenizer_metadata(hf_dir, params.n_vocab):
+        if kv.key == "general.architecture":
+            continue
+        sub = gguf.GGUFValueType(int(kv.elem_type)) if kv.type == VT.ARRAY else None
+        w.add_key_value(kv.key, kv.value, gguf.GGUFValueType(int(kv.type)), sub)
+    for name, shape, load in hf.iter_tensors(hf.Checkpoint(hf_dir), params):
+        x = load()
+        assert tuple(x.shape) == tuple(shape) and hf.tensor_shape(params, name) in (None, tuple(shape)), name
+        w.add_tensor(name, x.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
 def hf_logits(arch: str, ids: np.ndarray, seed: int = 0) -> np.ndarray:
     import torch
 
@@ -120,6 +150,17 @@ def test_f32_logits_match_transformers(arch):
     assert ours.shape == ref.shape
     scale = np.abs(ref).max()
     assert np.abs(ours - ref).max() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gguf_py_file_of_hf_names_and_keys_matches_transformers(arch):
+    ids = random_ids(SEQ_LEN, 400, seed=3)
+    with lowbit.load(gguf_py_file(arch), n_threads=N_THREADS) as m:
+        assert m.config.architecture == GGUF_ARCH[arch]
+        assert m.config.tied_embeddings == TIED[arch]
+        ours = m.logits(ids)
+    ref = hf_logits(arch, ids)
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
