@@ -249,8 +249,9 @@ void panel_rows_cols(const uint8_t* panel, int64_t n_blocks, int h0, const uint8
     }
 }
 
-// Decode (one column): all 16 rows at once, so each activation broadcast serves both halves. Prompt: 8 rows
-// against 3 columns at a time, the panel's columns in groups of 24 so its weights stay in L1/L2 across them.
+// All 16 rows at once, so each activation broadcast serves both halves; prompts take 3 columns at a time
+// (measured best of 8 or 16 rows x 1 to 4 columns on Zen), the panel's columns in groups of 24 so its weights
+// stay in L1/L2 across them.
 template <class F>
 void panel_kernel(int64_t k, const void* panels, int64_t n_panels, const void* x, size_t xs, int64_t n_tok, float* y,
                   size_t ys) {
@@ -260,20 +261,12 @@ void panel_kernel(int64_t k, const void* panels, int64_t n_panels, const void* x
     for (int64_t p = 0; p < n_panels; ++p) {
         const uint8_t* panel = static_cast<const uint8_t*>(panels) + p * panel_bytes;
         float* yp = y + p * kPanelRows;
-        if (n_tok == 1) {
-            panel_rows_cols<F, 2, 1>(panel, n_blocks, 0, xb, xs, yp, ys);
-            continue;
-        }
         for (int64_t g0 = 0; g0 < n_tok; g0 += 24) {
             const int64_t g1 = std::min(n_tok, g0 + 24);
-            for (int h = 0; h < 2; ++h) {
-                int64_t c = g0;
-                for (; c + 3 <= g1; c += 3) {
-                    panel_rows_cols<F, 1, 3>(panel, n_blocks, h, xb + c * xs, xs, yp + c * ys, ys);
-                }
-                if (g1 - c == 2) panel_rows_cols<F, 1, 2>(panel, n_blocks, h, xb + c * xs, xs, yp + c * ys, ys);
-                if (g1 - c == 1) panel_rows_cols<F, 1, 1>(panel, n_blocks, h, xb + c * xs, xs, yp + c * ys, ys);
-            }
+            int64_t c = g0;
+            for (; c + 3 <= g1; c += 3) panel_rows_cols<F, 2, 3>(panel, n_blocks, 0, xb + c * xs, xs, yp + c * ys, ys);
+            if (g1 - c == 2) panel_rows_cols<F, 2, 2>(panel, n_blocks, 0, xb + c * xs, xs, yp + c * ys, ys);
+            if (g1 - c == 1) panel_rows_cols<F, 2, 1>(panel, n_blocks, 0, xb + c * xs, xs, yp + c * ys, ys);
         }
     }
 }
