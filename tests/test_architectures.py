@@ -65,16 +65,9 @@ def file_architecture(path) -> str:
 
 
 def tiny_gguf(arch: str, qtype: str, seed: int = 0):
-    """The tiny checkpoint converted with lowbit.convert. The converter's pipeline (converter/core.py) must take
-    the metadata keys and tensor shapes from converter/hf.py (model_metadata, tensor_shape); until it does,
-    a qwen file fails to convert or comes out named llama, and the test is an expected failure."""
-    try:
-        out = _convert(arch, qtype, seed)
-    except lowbit.LowbitError as e:
-        pytest.xfail(f"converter/core.py cannot write {arch} yet ({e}); it needs hf.tensor_shape")
-    if file_architecture(out) != GGUF_ARCH[arch]:
-        pytest.xfail(f"converter/core.py wrote general.architecture {file_architecture(out)!r} for {arch}; it "
-                     f"needs hf.model_metadata")
+    """The tiny checkpoint converted with lowbit.convert (convert.py's pipeline), named as llama.cpp names it."""
+    out = _convert(arch, qtype, seed)
+    assert file_architecture(out) == GGUF_ARCH[arch]
     return out
 
 

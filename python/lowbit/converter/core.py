@@ -12,7 +12,7 @@ import numpy as np
 from .._core import LowbitError
 from ..quants import QType, type_info
 from .ftype import ModelFacts
-from .hf import Checkpoint, LlamaParams, iter_tensors
+from .hf import QUANTIZATION_VERSION, Checkpoint, LlamaParams, iter_tensors, model_metadata, tensor_shape
 from .metadata import KV, VT
 from .plan import KeepSpec, OutType, TensorIn, encode, parse_keep, parse_outtype, plan_types, type_name
 from .vocab import tokenizer_metadata
@@ -20,31 +20,6 @@ from .vocab import tokenizer_metadata
 log = logging.getLogger("lowbit.convert")
 
 PathLike = Union[str, Path]
-QUANTIZATION_VERSION = 2  # GGML_QUANT_VERSION (reference §1.3)
-
-
-def model_metadata(p: LlamaParams, file_type: int) -> list[KV]:
-    """general.* and llama.* keys, typed as llama.cpp's gguf-py writes them (reference §1.2, §1.5)."""
-    kvs = [
-        KV.str("general.architecture", "llama"),
-        KV.str("general.name", p.name),
-        KV.u32("llama.context_length", p.n_ctx),
-        KV.u32("llama.embedding_length", p.n_embd),
-        KV.u32("llama.block_count", p.n_layer),
-        KV.u32("llama.feed_forward_length", p.n_ff),
-        KV.u32("llama.rope.dimension_count", p.head_dim),
-        KV.u32("llama.attention.head_count", p.n_head),
-        KV.u32("llama.attention.head_count_kv", p.n_head_kv),
-        KV.f32("llama.attention.layer_norm_rms_epsilon", p.rms_eps),
-        KV.f32("llama.rope.freq_base", p.rope_theta),
-        KV.u32("llama.vocab_size", p.n_vocab),
-    ]
-    if p.head_dim != p.n_embd // p.n_head:
-        kvs += [KV.u32("llama.attention.key_length", p.head_dim), KV.u32("llama.attention.value_length", p.head_dim)]
-    if p.rope_scaling_type == "linear":
-        kvs += [KV.str("llama.rope.scaling.type", "linear"), KV.f32("llama.rope.scaling.factor", p.rope_scaling_factor)]
-    kvs += [KV.u32("general.file_type", file_type), KV.u32("general.quantization_version", QUANTIZATION_VERSION)]
-    return kvs
 
 
 def _open_writer(out_path: Path):
@@ -125,13 +100,7 @@ def _type_mix(tensors: Iterable[Planned]) -> str:
 
 
 def _check_shapes(p: LlamaParams, name: str, shape: tuple[int, ...]) -> None:
-    q_rows, kv_rows = p.n_head * p.head_dim, p.n_head_kv * p.head_dim
-    want = {"attn_q": (q_rows, p.n_embd), "attn_k": (kv_rows, p.n_embd), "attn_v": (kv_rows, p.n_embd),
-            "attn_output": (p.n_embd, q_rows), "ffn_gate": (p.n_ff, p.n_embd), "ffn_up": (p.n_ff, p.n_embd),
-            "ffn_down": (p.n_embd, p.n_ff), "attn_norm": (p.n_embd,), "ffn_norm": (p.n_embd,)}
-    key = name.split(".")[2] if name.startswith("blk.") else name.split(".")[0]
-    expected = {"token_embd": (p.n_vocab, p.n_embd), "output": (p.n_vocab, p.n_embd),
-                "output_norm": (p.n_embd,)}.get(key, want.get(key))
+    expected = tensor_shape(p, name)
     if expected is not None and tuple(shape) != expected:
         raise LowbitError(f"tensor {name}: shape {list(shape)} does not match config.json (expected "
                           f"{list(expected)}); the config and the weights disagree")
