@@ -166,7 +166,7 @@ uint64_t WeightStore::owned_bytes() const {
 
 // Block-quantized matrices of the blocks that run on the CPU are regrouped once into 16-row panels
 // (kernels.h) where the active kernel table has a panel kernel for their type (Q4_0, Q4_1, Q8_0 and NF4 on
-// AVX2, AVX-512 and NEON with dotprod). Those kernels need about a quarter of the instructions per weight
+// AVX2, AVX-512 and NEON with dotprod; Q5_0, Q4_K, Q5_K and Q6_K on AVX2 and AVX-512). Those kernels need about a quarter of the instructions per weight
 // byte, so decode runs at memory speed and prompts skip the per-call repack. The panels are a private copy
 // of the same bytes; the file pages they came from are released from this process (MADV_DONTNEED: RSS stays
 // about the file size, and the mapping stays valid, so a kernel table without panel kernels can still read
@@ -199,7 +199,8 @@ bool WeightStore::repack_for_cpu(const std::vector<WeightView*>& matrices, Weigh
         if (eligible(*w)) add(w, false);
     }
     // The output head when the CPU computes it, tied or not. A tied head's panels serve embed() too where
-    // its rows come back exactly (Q4_0, Q4_1, Q8_0); otherwise embed() keeps reading the file's rows.
+    // its rows come back exactly (panel_row_exact: every panel type but NF4); otherwise embed() keeps reading the
+    // file's rows.
     bool tied_from_panels = false;
     if (head && eligible(*head)) {
         const bool tied = head->data == token_embd.data;

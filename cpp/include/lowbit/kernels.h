@@ -103,6 +103,7 @@ void matmul(QType wt, const void* w, size_t w_row_bytes, int64_t n_out, int64_t 
             int64_t n_tok, float* y, void* scratch, ThreadPool& pool);
 
 // ---- load-time repacked weights ("panels") -------------------------------------------------------
+// Q5_0 and the K-quants (Q4_K, Q5_K, Q6_K) have their own panel layouts: cpu/panels_kquants.h.
 // Q4_0, Q4_1, Q8_0 and NF4 rows regrouped in panels of kPanelRows rows, per scale block (32 elements; NF4 64)
 // of the 16 rows: their scales (fp16 d, then fp16 m for Q4_1; fp32 absmax/127 for NF4), then per 32-element
 // sub-block 64-byte vectors whose bytes 4r..4r+3 belong to row r. Nibble types: vector j (0..3) holds, in

@@ -10,6 +10,7 @@
 
 #include "cpu/kernels_internal.h"
 #include "cpu/kernels_more.h"
+#include "cpu/panels_kquants.h"
 
 // GCC 12's AVX-512 intrinsic headers build results on _mm512_undefined_*(), which trips
 // -W(maybe-)uninitialized inside the headers themselves (GCC bug 105593); the code here reads no
@@ -442,6 +443,12 @@ constexpr Kernels make_avx512vnni_table() {
     t.at(QType::Q4_K).dot = dot_q4_K_avx512vnni;
     t.at(QType::Q5_K).dot = dot_q5_K_avx512vnni;
     t.at(QType::Q6_K).dot = dot_q6_K_avx512vnni;
+    // Load-time panels of Q5_0 and the K-quants: the AVX2 panel kernels (cpu/panels_kquants.h) until AVX-512
+    // ones exist; they beat the row kernels at prompt and decode alike.
+    t.at(QType::Q5_0).panel = panel_q5_0_avx2;
+    t.at(QType::Q4_K).panel = panel_q4_K_avx2;
+    t.at(QType::Q5_K).panel = panel_q5_K_avx2;
+    t.at(QType::Q6_K).panel = panel_q6_K_avx2;
     return t;
 }
 
