@@ -48,8 +48,11 @@ def test_unsupported_tensor_type(tmp_path, type_id, name):
     """A type lowbit cannot run is refused before anything is allocated, naming the tensor, the type and the
     types lowbit runs (Q8_K is an activation type: lowbit quantizes it but no matrix is ever stored as it)."""
     p = write_synthetic_gguf(tmp_path / f"{name}.gguf", types={"blk.0.ffn_up.weight": type_id})
-    with pytest.raises(lowbit.LowbitError, match=rf"blk\.0\.ffn_up\.weight.*{name}.*lowbit runs .*Q4_K.*IQ4_XS"):
+    with pytest.raises(lowbit.LowbitError, match=rf"blk\.0\.ffn_up\.weight.*{name}.*lowbit runs .*Q4_K.*IQ4_XS") as e:
         lowbit.load(p, n_threads=1)
+    listed = str(e.value).split("lowbit runs ", 1)[1].split(".", 1)[0].split(", ")
+    assert "Q8_K" not in listed and "NF4_DQ" not in listed  # not types a matrix is stored as
+    assert {"F32", "F16", "BF16", "Q4_0", "Q6_K", "NF4", "FP4"} <= set(listed)
 
 
 def test_missing_tensor(tmp_path):

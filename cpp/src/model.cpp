@@ -403,7 +403,9 @@ void check_tensor_types(const GGUFReader& r) {
         const bool nf4_dq = t.type_id == static_cast<uint32_t>(QType::NF4_DQ);  // expanded to NF4 at load
         if (matrix_ok || nf4_dq) continue;
         std::string runs;
-#define LOWBIT_X(NAME, lc, id, bs, ts, kind) runs += std::string(runs.empty() ? "" : ", ") + #NAME;
+        // Only the types a matrix can have (Q8_K, an activation type, and the internal NF4_DQ are left out).
+#define LOWBIT_X(NAME, lc, id, bs, ts, kind) \
+    if (cpu::matmul_supported(QType::NAME)) runs += std::string(runs.empty() ? "" : ", ") + #NAME;
         LOWBIT_QTYPES(LOWBIT_X)
 #undef LOWBIT_X
         throw Error("tensor '" + t.name + "' has type " + type_name(t.type_id) +
