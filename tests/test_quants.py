@@ -399,7 +399,18 @@ def test_4bit_equals_bitsandbytes(t, quant_inputs):
     if t.name in oracle.QUANTIZE:
         assert np.array_equal(oracle.QUANTIZE[t.name](x), ours.reshape(-1))
     ref = F.dequantize_4bit(packed, st).numpy()
-    assert same_bits(lowbit.dequantize(ours, t, x.shape), ref)
+    got = lowbit.dequantize(ours, t, x.shape)
+    if t.name == "FP4":
+        # FP4 code 8 is a zero whose sign bitsandbytes' own kernels disagree on: its CUDA kernel and its AVX-512
+        # CPU kernel multiply +0 by the sign (-0.0), its other CPU kernel and get_4bit_type("fp4") give +0.0.
+        # lowbit returns -0.0 (spec/quant-types.md#fp4). Every other element is compared bit for bit.
+        q = ours[:, 4:]
+        code8 = (np.stack([q >> 4, q & 0x0F], axis=-1).reshape(x.shape) == 8) & (st.absmax.numpy() > 0).repeat(
+            64).reshape(x.shape)
+        assert code8.any() and same_bits(got[~code8], ref[~code8])
+        assert (ref[code8] == 0).all() and np.signbit(got[code8]).all()
+    else:
+        assert same_bits(got, ref)
 
 
 @pytest.mark.parametrize("t", BNB_TYPES, ids=names(BNB_TYPES))
