@@ -64,8 +64,8 @@ static __constant__ float kNF4Device[16] = {
     0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f,
 };
-// bitsandbytes' FP4 code book (get_4bit_type("fp4"), but code 8 is -0.0 as bitsandbytes' CUDA kernel returns it); the same bits as kFP4Codes on the
-// CPU (spec/quant-types.md#fp4).
+// bitsandbytes' FP4 code book (get_4bit_type("fp4"), but code 8 is -0.0 as bitsandbytes' CUDA kernel
+// returns it); the same bits as kFP4Codes on the CPU (spec/quant-types.md#fp4).
 static __constant__ float kFP4Device[16] = {
     0.0f,  0x1.555556p-8f,  0x1.555556p-1f,  1.0f,  0x1.555556p-2f,  0.5f,  0x1.555556p-3f,  0.25f,
     -0.0f, -0x1.555556p-8f, -0x1.555556p-1f, -1.0f, -0x1.555556p-2f, -0.5f, -0x1.555556p-3f, -0.25f,
