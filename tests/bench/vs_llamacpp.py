@@ -12,6 +12,14 @@ random model with TinyLlama-1.1B shapes (hidden 2048, ffn 5632, 22 layers, 32 he
 lowbit in Q4_0, Q8_0 and NF4 (SmolLM2's tokenizer, so llama.cpp accepts it). NF4 has no llama.cpp counterpart: it
 is compared with lowbit's own Q4_0 on the same model and with transformers + bitsandbytes' NF4 on the CPU
 (SmolLM2). lowbit runs with an fp16 KV cache, as llama.cpp does by default.
+
+K-quant files made by llama.cpp's own quantizer (llama_model_quantize, its normal per-tensor mix) from an F16
+source: `smollm2-kq` (SmolLM2's F16, dequantized by lowbit from the Q4_1 file) and `tiny11b-kq` (the 1.1B-shaped
+random model written in F16), each in Q4_K_M, Q5_K_M and Q6_K. SmolLM2's rows of 576 are not a multiple of 256,
+so llama.cpp gives most of its tensors the fallback types (Q5_0, Q5_1, Q8_0); the table of tensor types per file
+is printed.
+
+    python tests/bench/vs_llamacpp.py --models smollm2-kq,tiny11b-kq --reps 3 --no-bnb
 """
 from __future__ import annotations
 
@@ -40,7 +48,9 @@ rng = np.random.default_rng(0)
 out = {"pp128": [], "pp512": [], "tg": []}
 t0 = time.perf_counter()
 if engine == "lowbit":
-    import lowbit
+    import os, lowbit
+    # Which build of the core ran (its file's modification time): a core rebuilt during a long run shows here.
+    out["core_mtime"] = os.path.getmtime(lowbit._core.__file__)
     # An fp16 KV cache, as llama.cpp's default, so both engines do the same attention work.
     m = lowbit.load(path, n_ctx=1024, n_threads=threads, n_batch=512, kv_f16=True)
     n_vocab = m.n_vocab
@@ -133,12 +143,18 @@ def run_bnb(path: Path, threads: int, reps: int, n_gen: int) -> dict:
     raise RuntimeError(f"bitsandbytes on {path.name} failed:\n{proc.stderr[-3000:]}")
 
 
-def run_child(engine: str, path: Path, threads: int, reps: int, n_gen: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, engine, str(path), str(threads), str(reps), str(n_gen)],
-                          capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
+def run_child(engine: str, path: Path, threads: int, reps: int, n_gen: int, tries: int = 3) -> dict:
+    """One measuring child process. A failed start is tried again after a pause (on a shared development machine
+    the library may be mid-rebuild for a minute); a second and third failure is an error."""
+    for attempt in range(tries):
+        proc = subprocess.run([sys.executable, "-c", CHILD, engine, str(path), str(threads), str(reps), str(n_gen)],
+                              capture_output=True, text=True)
+        for line in proc.stdout.splitlines():
+            if line.startswith("RESULT "):
+                return json.loads(line[7:])
+        if attempt + 1 < tries:
+            print(f"{engine} on {path.name} failed, trying again in 30 s:\n{proc.stderr[-500:]}", file=sys.stderr)
+            time.sleep(30)
     raise RuntimeError(f"{engine} on {path.name} failed:\n{proc.stderr[-3000:]}")
 
 
@@ -173,22 +189,40 @@ def warm_load(engine: str, path: Path, threads: int) -> float:
 # ---- models ---------------------------------------------------------------------------------------
 
 
-def smollm2_files(cache: Path) -> dict[str, Path]:
-    from lowbit.converter import quantize_file
+def smollm2_files(cache: Path, types: tuple[str, ...] = ("f16", "q8_0", "q4_0", "nf4")) -> dict[str, Path]:
     from lowbit.hub import fetch_smollm2
 
     src = fetch_smollm2(cache)
     files = {}
-    for qt in ("f16", "q8_0", "q4_0", "nf4"):
+    for qt in types:
         out = cache / f"bench-smollm2-135m-{qt}.gguf"
         if not out.exists():
-            quantize_file(src, out, qt, progress=False)
+            requantize_file(src, out, qt)
         files[qt] = out
     return files
 
 
-def tiny11b_files(cache: Path) -> dict[str, Path]:
-    """A random model with TinyLlama-1.1B shapes, written tensor by tensor (never whole in memory)."""
+def requantize_file(src: Path, out: Path, qt: str) -> Path:
+    """lowbit's quantize_file on an already quantized source (the Q4_1 download; a K-quant file dequantized to
+    F32), which it does only when asked to."""
+    from lowbit.converter import quantize_file
+
+    return quantize_file(src, out, qt, progress=False, allow_requantize=True)
+
+
+def tiny11b_files(cache: Path, types: tuple[str, ...] = ("q4_0", "q8_0", "nf4")) -> dict[str, Path]:
+    """A random model with TinyLlama-1.1B shapes, written tensor by tensor (never whole in memory); "f16" is the
+    source of llama.cpp's K-quant files."""
+    files = {}
+    for qt in types:
+        out = cache / f"bench-tiny11b-{qt}.gguf"
+        files[qt] = out
+        if not out.exists():
+            write_tiny11b(cache, out, qt)
+    return files
+
+
+def write_tiny11b(cache: Path, out: Path, qt: str) -> None:
     import lowbit
     from lowbit.hub import fetch_smollm2
 
@@ -197,57 +231,106 @@ def tiny11b_files(cache: Path) -> dict[str, Path]:
     n_vocab = len(tok_keys["tokenizer.ggml.tokens"])
     n_embd, n_ff, n_layer, n_head, n_head_kv = 2048, 5632, 22, 32, 4
     head_dim = n_embd // n_head
-    files = {}
-    for qt in ("q4_0", "q8_0", "nf4"):
-        out = cache / f"bench-tiny11b-{qt}.gguf"
-        files[qt] = out
-        if out.exists():
-            continue
-        qtype = lowbit.QType.from_name(qt)
-        shapes = [("token_embd.weight", (n_vocab, n_embd), qtype), ("output_norm.weight", (n_embd,), lowbit.QType.F32)]
-        for i in range(n_layer):
-            shapes += [
-                (f"blk.{i}.attn_norm.weight", (n_embd,), lowbit.QType.F32),
-                (f"blk.{i}.attn_q.weight", (n_embd, n_embd), qtype),
-                (f"blk.{i}.attn_k.weight", (n_head_kv * head_dim, n_embd), qtype),
-                (f"blk.{i}.attn_v.weight", (n_head_kv * head_dim, n_embd), qtype),
-                (f"blk.{i}.attn_output.weight", (n_embd, n_embd), qtype),
-                (f"blk.{i}.ffn_norm.weight", (n_embd,), lowbit.QType.F32),
-                (f"blk.{i}.ffn_gate.weight", (n_ff, n_embd), qtype),
-                (f"blk.{i}.ffn_up.weight", (n_ff, n_embd), qtype),
-                (f"blk.{i}.ffn_down.weight", (n_embd, n_ff), qtype),
-            ]
-        rng = np.random.default_rng(0)
-        with lowbit.GGUFWriter(out) as w:
-            md = {
-                "general.architecture": "llama", "general.name": "random-tinyllama-1.1b-shape",
-                "general.file_type": {"q4_0": 2, "q8_0": 7, "nf4": int(lowbit.QType.NF4)}[qt],
-                "general.quantization_version": 2,
-                "llama.context_length": 2048, "llama.embedding_length": n_embd, "llama.block_count": n_layer,
-                "llama.feed_forward_length": n_ff, "llama.rope.dimension_count": head_dim,
-                "llama.attention.head_count": n_head, "llama.attention.head_count_kv": n_head_kv,
-                "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.rope.freq_base": 10000.0,
-            }
-            from lowbit.gguf import GGUFValueType as VT
+    qtype = lowbit.QType.from_name(qt)
+    shapes = [("token_embd.weight", (n_vocab, n_embd), qtype), ("output_norm.weight", (n_embd,), lowbit.QType.F32)]
+    for i in range(n_layer):
+        shapes += [
+            (f"blk.{i}.attn_norm.weight", (n_embd,), lowbit.QType.F32),
+            (f"blk.{i}.attn_q.weight", (n_embd, n_embd), qtype),
+            (f"blk.{i}.attn_k.weight", (n_head_kv * head_dim, n_embd), qtype),
+            (f"blk.{i}.attn_v.weight", (n_head_kv * head_dim, n_embd), qtype),
+            (f"blk.{i}.attn_output.weight", (n_embd, n_embd), qtype),
+            (f"blk.{i}.ffn_norm.weight", (n_embd,), lowbit.QType.F32),
+            (f"blk.{i}.ffn_gate.weight", (n_ff, n_embd), qtype),
+            (f"blk.{i}.ffn_up.weight", (n_ff, n_embd), qtype),
+            (f"blk.{i}.ffn_down.weight", (n_embd, n_ff), qtype),
+        ]
+    rng = np.random.default_rng(0)
+    with lowbit.GGUFWriter(out) as w:
+        md = {
+            "general.architecture": "llama", "general.name": "random-tinyllama-1.1b-shape",
+            "general.file_type": {"f16": 1, "q4_0": 2, "q8_0": 7, "nf4": int(lowbit.QType.NF4)}[qt],
+            "general.quantization_version": 2,
+            "llama.context_length": 2048, "llama.embedding_length": n_embd, "llama.block_count": n_layer,
+            "llama.feed_forward_length": n_ff, "llama.rope.dimension_count": head_dim,
+            "llama.attention.head_count": n_head, "llama.attention.head_count_kv": n_head_kv,
+            "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.rope.freq_base": 10000.0,
+        }
+        from lowbit.gguf import GGUFValueType as VT
 
-            u32 = {"general.file_type", "general.quantization_version", "llama.context_length",
-                   "llama.embedding_length", "llama.block_count", "llama.feed_forward_length",
-                   "llama.rope.dimension_count", "llama.attention.head_count", "llama.attention.head_count_kv"}
-            for k, v in md.items():
-                w.add_metadata(k, v, VT.UINT32 if k in u32 else (VT.FLOAT32 if isinstance(v, float) else None))
-            for k in tok_keys:
-                w.add_metadata(k, vocab_src.field(k))  # a GGUFField keeps its exact GGUF types
-            for name, shape, t in shapes:
-                w.add_tensor_info(name, shape, t)
-            w.write_header()
-            for name, shape, t in shapes:
-                if t == lowbit.QType.F32:
-                    x = np.ones(shape, np.float32)
-                else:
-                    x = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
-                w.write_tensor_data(lowbit.quantize(x, t) if t != lowbit.QType.F32 else x.tobytes())
-            w.finish()
-    return files
+        u32 = {"general.file_type", "general.quantization_version", "llama.context_length",
+               "llama.embedding_length", "llama.block_count", "llama.feed_forward_length",
+               "llama.rope.dimension_count", "llama.attention.head_count", "llama.attention.head_count_kv"}
+        for k, v in md.items():
+            w.add_metadata(k, v, VT.UINT32 if k in u32 else (VT.FLOAT32 if isinstance(v, float) else None))
+        for k in tok_keys:
+            w.add_metadata(k, vocab_src.field(k))  # a GGUFField keeps its exact GGUF types
+        for name, shape, t in shapes:
+            w.add_tensor_info(name, shape, t)
+        w.write_header()
+        for name, shape, t in shapes:
+            if t == lowbit.QType.F32:
+                w.write_tensor_data(np.ones(shape, np.float32).tobytes())
+                continue
+            x = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+            w.write_tensor_data(x.astype(np.float16).tobytes() if t == lowbit.QType.F16 else lowbit.quantize(x, t))
+        w.finish()
+
+
+# ---- files made by llama.cpp's quantizer ----------------------------------------------------------
+
+# llama.h's llama_ftype ids of the file types measured here.
+LLAMA_FTYPE = {"q4_0": 2, "q2_k": 10, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "iq4_xs": 30}
+KQ_TYPES = ("q4_k_m", "q5_k_m", "q6_k")
+
+QUANTIZE_CHILD = r"""
+import sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = int(sys.argv[3])
+p.nthread = int(sys.argv[4])
+p.pure = False
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))
+"""
+
+
+def llamacpp_quantize(src: Path, out: Path, ftype: str, threads: int = 2) -> Path:
+    """out = llama.cpp's quantizer applied to src (an F16 GGUF), with llama-quantize's per-tensor choice of types
+    for this file type (pure=False, no importance matrix). In a child process: its log goes to a pipe."""
+    if out.exists():
+        return out
+    tmp = out.with_name(out.name + ".part")
+    proc = subprocess.run([sys.executable, "-c", QUANTIZE_CHILD, str(src), str(tmp), str(LLAMA_FTYPE[ftype]),
+                           str(threads)], capture_output=True, text=True)
+    if proc.returncode != 0 or not tmp.exists():
+        raise RuntimeError(f"llama.cpp could not quantize {src.name} to {ftype}:\n{proc.stderr[-3000:]}")
+    tmp.rename(out)
+    return out
+
+
+def smollm2_llamacpp_files(cache: Path, types: tuple[str, ...] = KQ_TYPES) -> dict[str, Path]:
+    """SmolLM2-135M quantized by llama.cpp from the F16 file lowbit dequantizes out of the Q4_1 download."""
+    f16 = smollm2_files(cache, ("f16",))["f16"]
+    return {qt: llamacpp_quantize(f16, cache / f"bench-smollm2-135m-llamacpp-{qt}.gguf", qt) for qt in types}
+
+
+def tiny11b_llamacpp_files(cache: Path, types: tuple[str, ...] = KQ_TYPES) -> dict[str, Path]:
+    f16 = tiny11b_files(cache, ("f16",))["f16"]
+    return {qt: llamacpp_quantize(f16, cache / f"bench-tiny11b-llamacpp-{qt}.gguf", qt) for qt in types}
+
+
+def tensor_mix(path: Path) -> str:
+    """The tensor types of a file, as 'TYPE count (MB)' for the 2-D tensors, largest share first."""
+    import lowbit
+
+    acc: dict[str, list[int]] = {}
+    for t in lowbit.GGUFFile(path).tensors:
+        if len(t.shape) < 2:
+            continue
+        name = getattr(t.qtype, "name", str(t.qtype))
+        a = acc.setdefault(name, [0, 0])
+        a[0] += 1
+        a[1] += t.nbytes
+    return ", ".join(f"{k} {n} ({b / 1e6:.1f} MB)" for k, (n, b) in sorted(acc.items(), key=lambda kv: -kv[1][1]))
 
 
 # ---- bandwidth probe ------------------------------------------------------------------------------
@@ -284,7 +367,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--n-gen", type=int, default=64)
-    ap.add_argument("--models", default="smollm2,tiny11b")
+    ap.add_argument("--models", default="smollm2,tiny11b",
+                    help="comma-separated: smollm2, tiny11b (files lowbit writes), smollm2-kq, tiny11b-kq "
+                         "(K-quant files llama.cpp's quantizer makes)")
     ap.add_argument("--cache", default=None)
     ap.add_argument("--out", default=None, help="write raw results as JSON")
     ap.add_argument("--no-bnb", action="store_true", help="skip the transformers + bitsandbytes NF4 baseline")
@@ -300,14 +385,21 @@ def main() -> int:
         have_llamacpp = False
         print("llama-cpp-python is not installed: measuring lowbit only", file=sys.stderr)
 
+    models = args.models.split(",")
+    makers = {"smollm2": ("SmolLM2-135M", smollm2_files), "tiny11b": ("1.1B-shape", tiny11b_files),
+              "smollm2-kq": ("SmolLM2-135M", smollm2_llamacpp_files),
+              "tiny11b-kq": ("1.1B-shape", tiny11b_llamacpp_files)}
+    unknown = [m for m in models if m not in makers]
+    if unknown:
+        raise SystemExit(f"unknown --models {unknown}; use {', '.join(makers)}")
     files = []
-    if "smollm2" in args.models:
-        files += [("SmolLM2-135M", qt, p) for qt, p in smollm2_files(cache).items()]
-    if "tiny11b" in args.models:
-        files += [("1.1B-shape", qt, p) for qt, p in tiny11b_files(cache).items()]
+    for m in models:
+        label, make = makers[m]
+        files += [(label, qt, p) for qt, p in make(cache).items()]
+    mixes = {p.name: tensor_mix(p) for _, _, p in files}
 
     bnb = None
-    if "smollm2" in args.models and not args.no_bnb:
+    if "smollm2" in models and not args.no_bnb:
         from lowbit.hub import fetch_smollm2
 
         try:
@@ -315,6 +407,7 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001 - report and go on with the rest
             print(f"bitsandbytes NF4 baseline skipped: {e}", file=sys.stderr)
     bw = read_bandwidth(args.threads)
+    load_before = os.getloadavg()
     results = []
     for model, qt, path in files:
         row = {"model": model, "type": qt, "file": path.name, "weight_bytes": weight_bytes(path)}
@@ -327,12 +420,22 @@ def main() -> int:
         for engine in engines:
             row[engine]["warm_load_s"] = warm_load(engine, path, args.threads)
         results.append(row)
-        print(f"done: {model} {qt}", file=sys.stderr)
+        # Each file's medians as soon as it is done, and the raw results so far: a long run on a busy machine
+        # that is stopped early keeps what it measured.
+        summary = "; ".join(f"{e} decode {statistics.median(row[e]['tg']):.1f}, prompt 128 "
+                            f"{statistics.median(row[e]['pp128']):.1f} tok/s, RSS {row[e]['rss_mib']:.0f} MiB"
+                            for e in engines)
+        print(f"done: {model} {qt}: {summary}", file=sys.stderr)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"bandwidth_gbs": bw, "threads": args.threads, "results": results,
+                                                  "partial": True}, indent=1))
 
     med = statistics.median
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; threads {args.threads}; "
           f"read bandwidth {bw:.1f} GB/s (median of 5); "
-          f"rates are median [min-max] of {args.reps} child processes per engine, alternating\n")
+          f"rates are median [min-max] of {args.reps} child processes per engine, alternating; "
+          f"load average (1, 5, 15 min) {' '.join(f'{x:.1f}' for x in load_before)} at the start, "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end\n")
     print("| model | type | metric | lowbit | llama.cpp | ratio |")
     print("|---|---|---|---|---|---|")
     for r in results:
@@ -356,6 +459,15 @@ def main() -> int:
         extra = f"; llama.cpp {r['weight_bytes'] * med(lc['tg']) / 1e9:.1f} GB/s" if lc else ""
         print(f"| {r['model']} | {r['type']} | decode bandwidth | {gbs:.1f} GB/s ({100 * gbs / bw:.0f}% of probe)"
               f"{extra} | | |")
+    builds = sorted({t for r in results for t in r["lowbit"].get("core_mtime_all", [])})
+    if len(builds) > 1:
+        print("\nWARNING: lowbit's core was rebuilt during the run; builds used (modification times): "
+              + ", ".join(time.strftime("%H:%M:%S", time.localtime(t)) for t in builds))
+    elif builds:
+        print(f"\nlowbit core built {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(builds[0]))}")
+    print("\nTensor types of each file (2-D tensors):\n")
+    for name, mix in mixes.items():
+        print(f"- {name}: {mix}")
     by = {(r["model"], r["type"]): r for r in results}
     print()
     for model in ("SmolLM2-135M", "1.1B-shape"):
@@ -371,7 +483,7 @@ def main() -> int:
                   f"{med(bnb['tg']):.1f} = {a / med(bnb['tg']):.2f}  (bitsandbytes peak RSS {bnb['rss_mib']:.0f} MiB)")
     if args.out:
         Path(args.out).write_text(json.dumps({"bandwidth_gbs": bw, "threads": args.threads, "results": results,
-                                              "bitsandbytes_nf4": bnb}, indent=1))
+                                              "bitsandbytes_nf4": bnb, "tensor_types": mixes}, indent=1))
     return 0
 
 
