@@ -4,8 +4,8 @@
 // one activation column, the eight vpmaddubsw (unsigned weight bytes times the column's broadcast int8
 // activations) add up in int16 lanes; vpmaddwd then multiplies each row's lane pair by the row's integer
 // scale (the per-32 Q4_K/Q5_K scale, the per-16 Q6_K scales on the two halves, 1 for Q5_0) and widens it to
-// int32; one convert and one multiply-add by d_row * x.d per 8 rows; Q4_K/Q5_K's minima add -dmin mn x.s in
-// a second accumulator. Offset types (Q5_0: q - 16, Q6_K: q - 32) keep their int16 sums in range by
+// int32; one convert and one multiply-add by d_row * x.d per 8 rows; Q4_K/Q5_K's minima then subtract
+// dmin mn x.s from the same accumulator. Offset types (Q5_0: q - 16, Q6_K: q - 32) keep their int16 sums in range by
 // starting them at -offset * (pair sums of x), shared by all rows; the sums wrap modulo 2^16 on the way, but
 // their final values, |q - offset| * 127 * 8 <= 32512 per lane, are exact. Q5_K's unsigned values (up to
 // 31) keep the two halves of a sub-block in two int16 sums, each scaled by the same scale.
@@ -97,6 +97,7 @@ inline __m256i neg_pair_sums(__m256i x) {
 // 4v.., hi: 16 + 4v..).
 
 struct PanelQ4K {
+    static constexpr int kH = 2, kNC = 3;  // 8-row halves x columns per pass (see panel_kernel)
     static constexpr int kSubs = 8, kSums = 1, kOffset = 0;
     static constexpr bool kMin = true;
     static constexpr size_t kBlockBytes = kPanelQ4_KBytes;
@@ -123,6 +124,7 @@ inline void weights5(const uint8_t* sub, int h, __m256i& lo, __m256i& hi) {
 }
 
 struct PanelQ5K {
+    static constexpr int kH = 1, kNC = 4;  // 8-row halves x columns per pass (see panel_kernel)
     static constexpr int kSubs = 8, kSums = 2, kOffset = 0;
     static constexpr bool kMin = true;
     static constexpr size_t kBlockBytes = kPanelQ5_KBytes;
@@ -137,6 +139,7 @@ struct PanelQ5K {
 };
 
 struct PanelQ5_0 {
+    static constexpr int kH = 2, kNC = 3;  // 8-row halves x columns per pass (see panel_kernel)
     static constexpr int kSubs = 1, kSums = 1, kOffset = 16;
     static constexpr bool kMin = false;
     static constexpr size_t kBlockBytes = kPanelQ5_0Bytes;
@@ -149,6 +152,7 @@ struct PanelQ5_0 {
 };
 
 struct PanelQ6K {
+    static constexpr int kH = 1, kNC = 4;  // 8-row halves x columns per pass (see panel_kernel)
     static constexpr int kSubs = 8, kSums = 2, kOffset = 32;
     static constexpr bool kMin = false;
     static constexpr size_t kBlockBytes = kPanelQ6_KBytes;
@@ -170,20 +174,25 @@ struct PanelQ6K {
 
 // ---- the kernel: rows 8 h0 .. 8 (h0 + H) - 1 of one panel against NC columns -------------------------------
 
+// s += p, kept as a chain. Without the empty asm GCC reassociates the int16 sums of a sub-block into a tree
+// that holds every vpmaddubsw product at once, spills most of them to the stack and runs at a third of the
+// speed (Q4_K, 120 tokens, one Zen 3 core: 55 GMAC/s as a tree).
+inline void add_chain(__m256i& s, __m256i p) {
+    s = _mm256_add_epi16(s, p);
+#if defined(__GNUC__)
+    __asm__("" : "+x"(s));
+#endif
+}
+
 template <class F, int H, int NC, int v>
 __attribute__((always_inline)) inline void sub_vector(const uint8_t* pb, int j, int h0, const block_q8_act* const* xb,
                                                       __m256i (&s16)[H][NC][F::kSums]) {
-    __m256i xlo[NC], xhi[NC];
-    for (int c = 0; c < NC; ++c) {
-        xlo[c] = bcast32(xb[c]->qs + 4 * v);
-        xhi[c] = bcast32(xb[c]->qs + 16 + 4 * v);
-    }
     for (int h = 0; h < H; ++h) {
         __m256i lo, hi;
         F::template weights<v>(pb, j, h0 + h, lo, hi);
         for (int c = 0; c < NC; ++c) {
-            s16[h][c][0] = _mm256_add_epi16(s16[h][c][0], _mm256_maddubs_epi16(lo, xlo[c]));
-            s16[h][c][F::kSums - 1] = _mm256_add_epi16(s16[h][c][F::kSums - 1], _mm256_maddubs_epi16(hi, xhi[c]));
+            add_chain(s16[h][c][0], _mm256_maddubs_epi16(lo, bcast32(xb[c]->qs + 4 * v)));
+            add_chain(s16[h][c][F::kSums - 1], _mm256_maddubs_epi16(hi, bcast32(xb[c]->qs + 16 + 4 * v)));
         }
     }
 }
@@ -192,9 +201,9 @@ template <class F, int H, int NC>
 void panel_rows_cols(const uint8_t* panel, int64_t n_blocks, int h0, const uint8_t* x, size_t xs, float* y, size_t ys) {
     const block_q8_act* xc[NC];
     for (int c = 0; c < NC; ++c) xc[c] = reinterpret_cast<const block_q8_act*>(x + c * xs);
-    __m256 acc[H][NC], accm[H][NC];
+    __m256 acc[H][NC];
     for (int h = 0; h < H; ++h) {
-        for (int c = 0; c < NC; ++c) acc[h][c] = accm[h][c] = _mm256_setzero_ps();
+        for (int c = 0; c < NC; ++c) acc[h][c] = _mm256_setzero_ps();
     }
     for (int64_t b = 0; b < n_blocks; ++b) {
         const uint8_t* pb = panel + b * F::kBlockBytes;
@@ -236,22 +245,22 @@ void panel_rows_cols(const uint8_t* panel, int64_t n_blocks, int h0, const uint8
                     if constexpr (F::kSums == 2) i32 = _mm256_add_epi32(i32, _mm256_madd_epi16(s16[h][c][1], sc[1]));
                     const __m256 dd = _mm256_mul_ps(d[h], _mm256_set1_ps(xb[c]->d));
                     acc[h][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), dd, acc[h][c]);
-                    if constexpr (F::kMin) accm[h][c] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xb[c]->s), accm[h][c]);
+                    if constexpr (F::kMin) acc[h][c] = _mm256_fnmadd_ps(mn, _mm256_set1_ps(xb[c]->s), acc[h][c]);
                 }
             }
         }
     }
     for (int h = 0; h < H; ++h) {
         for (int c = 0; c < NC; ++c) {
-            const __m256 out = F::kMin ? _mm256_sub_ps(acc[h][c], accm[h][c]) : acc[h][c];
-            _mm256_storeu_ps(y + c * ys + 8 * (h0 + h), out);
+            _mm256_storeu_ps(y + c * ys + 8 * (h0 + h), acc[h][c]);
         }
     }
 }
 
-// All 16 rows at once, so each activation broadcast serves both halves; prompts take 3 columns at a time
-// (measured best of 8 or 16 rows x 1 to 4 columns on Zen), the panel's columns in groups of 24 so its weights
-// stay in L1/L2 across them.
+// Each format's pass is kH 8-row halves (1: rows 0..7, then 8..15; 2: all 16 rows, so an activation broadcast
+// serves both) by kNC columns, chosen by measurement on one Zen 3 core (2048 x 2048 x 120 tokens; the formats
+// with two int16 sums per sub-block spill at 16 rows x 3 columns); the panel's columns in groups of 24 so its
+// weights stay in L1/L2 across them. Every output lane sees the same instruction sequence in any pass shape.
 template <class F>
 void panel_kernel(int64_t k, const void* panels, int64_t n_panels, const void* x, size_t xs, int64_t n_tok, float* y,
                   size_t ys) {
@@ -263,10 +272,17 @@ void panel_kernel(int64_t k, const void* panels, int64_t n_panels, const void* x
         float* yp = y + p * kPanelRows;
         for (int64_t g0 = 0; g0 < n_tok; g0 += 24) {
             const int64_t g1 = std::min(n_tok, g0 + 24);
-            int64_t c = g0;
-            for (; c + 3 <= g1; c += 3) panel_rows_cols<F, 2, 3>(panel, n_blocks, 0, xb + c * xs, xs, yp + c * ys, ys);
-            if (g1 - c == 2) panel_rows_cols<F, 2, 2>(panel, n_blocks, 0, xb + c * xs, xs, yp + c * ys, ys);
-            if (g1 - c == 1) panel_rows_cols<F, 2, 1>(panel, n_blocks, 0, xb + c * xs, xs, yp + c * ys, ys);
+            for (int h0 = 0; h0 < 2; h0 += F::kH) {
+                int64_t c = g0;
+                for (; c + F::kNC <= g1; c += F::kNC) {
+                    panel_rows_cols<F, F::kH, F::kNC>(panel, n_blocks, h0, xb + c * xs, xs, yp + c * ys, ys);
+                }
+                if (g1 - c >= 2) {
+                    panel_rows_cols<F, F::kH, 2>(panel, n_blocks, h0, xb + c * xs, xs, yp + c * ys, ys);
+                    c += 2;
+                }
+                if (g1 - c == 1) panel_rows_cols<F, F::kH, 1>(panel, n_blocks, h0, xb + c * xs, xs, yp + c * ys, ys);
+            }
         }
     }
 }
