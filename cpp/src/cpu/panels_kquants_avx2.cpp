@@ -272,6 +272,15 @@ void panel_kernel(int64_t k, const void* panels, int64_t n_panels, const void* x
         float* yp = y + p * kPanelRows;
         for (int64_t g0 = 0; g0 < n_tok; g0 += 24) {
             const int64_t g1 = std::min(n_tok, g0 + 24);
+            if (g1 - g0 < F::kNC) {  // decode and short tails: all 16 rows per pass, one panel read
+                int64_t c = g0;
+                if (g1 - c >= 2) {
+                    panel_rows_cols<F, 2, 2>(panel, n_blocks, 0, xb + c * xs, xs, yp + c * ys, ys);
+                    c += 2;
+                }
+                if (g1 - c == 1) panel_rows_cols<F, 2, 1>(panel, n_blocks, 0, xb + c * xs, xs, yp + c * ys, ys);
+                continue;
+            }
             for (int h0 = 0; h0 < 2; h0 += F::kH) {
                 int64_t c = g0;
                 for (; c + F::kNC <= g1; c += F::kNC) {
