@@ -370,6 +370,7 @@ def main() -> int:
     ap.add_argument("--models", default="smollm2,tiny11b",
                     help="comma-separated: smollm2, tiny11b (files lowbit writes), smollm2-kq, tiny11b-kq "
                          "(K-quant files llama.cpp's quantizer makes)")
+    ap.add_argument("--only", default=None, help="comma-separated file types to keep (for example q4_k_m)")
     ap.add_argument("--cache", default=None)
     ap.add_argument("--out", default=None, help="write raw results as JSON")
     ap.add_argument("--no-bnb", action="store_true", help="skip the transformers + bitsandbytes NF4 baseline")
@@ -396,6 +397,8 @@ def main() -> int:
     for m in models:
         label, make = makers[m]
         files += [(label, qt, p) for qt, p in make(cache).items()]
+    if args.only:
+        files = [f for f in files if f[1] in args.only.split(",")]
     mixes = {p.name: tensor_mix(p) for _, _, p in files}
 
     bnb = None
