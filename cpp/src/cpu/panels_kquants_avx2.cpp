@@ -5,10 +5,10 @@
 // activations) add up in int16 lanes; vpmaddwd then multiplies each row's lane pair by the row's integer
 // scale (the per-32 Q4_K/Q5_K scale, the per-16 Q6_K scales on the two halves, 1 for Q5_0) and widens it to
 // int32; one convert and one multiply-add by d_row * x.d per 8 rows; Q4_K/Q5_K's minima then subtract
-// dmin mn x.s from the same accumulator. Offset types (Q5_0: q - 16, Q6_K: q - 32) keep their int16 sums in range by
-// starting them at -offset * (pair sums of x), shared by all rows; the sums wrap modulo 2^16 on the way, but
-// their final values, |q - offset| * 127 * 8 <= 32512 per lane, are exact. Q5_K's unsigned values (up to
-// 31) keep the two halves of a sub-block in two int16 sums, each scaled by the same scale.
+// dmin mn x.s from the same accumulator. Offset types (Q5_0: q - 16, Q6_K: q - 32) keep their int16 sums in
+// range by starting them at -offset * (pair sums of x), shared by all rows; the sums wrap modulo 2^16 on
+// the way, but their final values, |q - offset| * 127 * 8 <= 32512 per lane, are exact. Q5_K's unsigned
+// values (up to 31) keep the two halves of a sub-block in two int16 sums, each scaled by the same scale.
 //
 // Every (row, column) output goes through the same instruction sequence whatever the group of rows and
 // columns computed together, so thread counts and token counts give bit-identical results.
