@@ -381,6 +381,57 @@ void panel_columns_fmt(const uint8_t* panel, int64_t n_sb, const uint8_t* x, siz
     for (int c = 0; c < NC; ++c) _mm512_storeu_ps(y + c * ys, _mm512_fmadd_ps(acc2[c], k, acc[c]));
 }
 
+// Q4_K load-time panels (cpu/panels_kquants.h): each 32-element sub-block is laid out as a Q4_0 panel's, so
+// one vpdpbusd chain (block_dot16) gives the 16 rows' integer dots; per sub-block the rows' d * sc and
+// dmin * mn (16 floats each) are formed once and serve every column:
+//   y += float(dot) * (d sc) * x.d - (dmin mn) * x.s.
+inline __m512 rows16_u8_f32(const uint8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <int NC>
+void panel_columns_q4_K(const uint8_t* panel, int64_t n_blocks, const uint8_t* x, size_t xs, float* y, size_t ys) {
+    const block_q8_act* xc[NC];
+    for (int c = 0; c < NC; ++c) xc[c] = reinterpret_cast<const block_q8_act*>(x + c * xs);
+    __m512 acc[NC];
+    for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n_blocks; ++b) {
+        const uint8_t* pb = panel + b * kPanelQ4_KBytes;
+        const __m512 d = PanelQ4_0::scale(pb);
+        const __m512 dmin = PanelQ4_0::scale(pb + 32);
+        for (int j = 0; j < 8; ++j) {
+            __m512i u[8];
+            PanelQ4_0::unpack(pb + 320 + 256 * j, u);
+            const __m512 dsc = _mm512_mul_ps(d, rows16_u8_f32(pb + 64 + 16 * j));
+            const __m512 dmn = _mm512_mul_ps(dmin, rows16_u8_f32(pb + 192 + 16 * j));
+            for (int c = 0; c < NC; ++c) {
+                const block_q8_act& xb = xc[c][b * 8 + j];
+                const __m512 isum = _mm512_cvtepi32_ps(block_dot16(u, xb.qs));
+                acc[c] = _mm512_fmadd_ps(isum, _mm512_mul_ps(dsc, _mm512_set1_ps(xb.d)), acc[c]);
+                acc[c] = _mm512_fnmadd_ps(dmn, _mm512_set1_ps(xb.s), acc[c]);
+            }
+        }
+    }
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(y + c * ys, acc[c]);
+}
+
+void panel_q4_K_avx512vnni(int64_t k, const void* panels, int64_t n_panels, const void* x, size_t xs, int64_t n_tok,
+                           float* y, size_t ys) {
+    static void (*const cols[kPanelCols])(const uint8_t*, int64_t, const uint8_t*, size_t, float*, size_t) = {
+        &panel_columns_q4_K<1>, &panel_columns_q4_K<2>, &panel_columns_q4_K<3>, &panel_columns_q4_K<4>,
+        &panel_columns_q4_K<5>, &panel_columns_q4_K<6>, &panel_columns_q4_K<7>, &panel_columns_q4_K<8>};
+    const int64_t n_blocks = k / 256;
+    const size_t panel_bytes = static_cast<size_t>(n_blocks) * kPanelQ4_KBytes;
+    const uint8_t* xb = static_cast<const uint8_t*>(x);
+    for (int64_t p = 0; p < n_panels; ++p) {
+        const uint8_t* panel = static_cast<const uint8_t*>(panels) + p * panel_bytes;
+        for (int64_t c0 = 0; c0 < n_tok; c0 += kPanelCols) {
+            const int nc = static_cast<int>(std::min<int64_t>(kPanelCols, n_tok - c0));
+            cols[nc - 1](panel, n_blocks, xb + c0 * xs, xs, y + c0 * ys + p * kPanelRows, ys);
+        }
+    }
+}
+
 template <class P>
 void panel_fmt(int64_t k, const void* panels, int64_t n_panels, const void* x, size_t xs, int64_t n_tok, float* y,
                size_t ys) {
@@ -443,10 +494,11 @@ constexpr Kernels make_avx512vnni_table() {
     t.at(QType::Q4_K).dot = dot_q4_K_avx512vnni;
     t.at(QType::Q5_K).dot = dot_q5_K_avx512vnni;
     t.at(QType::Q6_K).dot = dot_q6_K_avx512vnni;
-    // Load-time panels of Q5_0 and the K-quants: the AVX2 panel kernels (cpu/panels_kquants.h) until AVX-512
-    // ones exist; they beat the row kernels at prompt and decode alike.
+    // Load-time panels of Q5_0 and the K-quants: Q4_K's own vpdpbusd kernel (above); the others keep the AVX2
+    // panel kernels (cpu/panels_kquants.h) until AVX-512 ones exist; they beat the row kernels at prompt and
+    // decode alike.
     t.at(QType::Q5_0).panel = panel_q5_0_avx2;
-    t.at(QType::Q4_K).panel = panel_q4_K_avx2;
+    t.at(QType::Q4_K).panel = panel_q4_K_avx512vnni;
     t.at(QType::Q5_K).panel = panel_q5_K_avx2;
     t.at(QType::Q6_K).panel = panel_q6_K_avx2;
     return t;
