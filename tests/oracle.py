@@ -155,7 +155,7 @@ def dequantize_nf4(data: np.ndarray, n: int) -> np.ndarray:
 
 
 # bitsandbytes get_4bit_type("fp4") in its index order (sign bit 3, then 2 exponent bits and 1 mantissa bit);
-# index 8 is -0.0, as bitsandbytes' CUDA and AVX-512 CPU dequantize kernels return it (spec/quant-types.md#fp4).
+# index 8 is -0.0, as bitsandbytes' CUDA dequantize kernel returns it (spec/quant-types.md#fp4).
 FP4_CODES = np.array([0.0, 1 / 192, 2 / 3, 1.0, 1 / 3, 0.5, 1 / 6, 0.25,
                       -0.0, -1 / 192, -2 / 3, -1.0, -1 / 3, -0.5, -1 / 6, -0.25], dtype=np.float32)
 

@@ -401,8 +401,8 @@ def test_4bit_equals_bitsandbytes(t, quant_inputs):
     ref = F.dequantize_4bit(packed, st).numpy()
     got = lowbit.dequantize(ours, t, x.shape)
     if t.name == "FP4":
-        # FP4 code 8 is a zero whose sign bitsandbytes' own kernels disagree on: its CUDA kernel and its AVX-512
-        # CPU kernel multiply +0 by the sign (-0.0), its other CPU kernel and get_4bit_type("fp4") give +0.0.
+        # FP4 code 8 is a zero whose sign bitsandbytes is not consistent about: its CUDA kernel multiplies +0 by
+        # the sign (-0.0), while get_4bit_type("fp4") and the CPU kernel of bitsandbytes 0.50.2 give +0.0.
         # lowbit returns -0.0 (spec/quant-types.md#fp4). Every other element is compared bit for bit.
         q = ours[:, 4:]
         code8 = (np.stack([q >> 4, q & 0x0F], axis=-1).reshape(x.shape) == 8) & (st.absmax.numpy() > 0).repeat(

@@ -22,8 +22,8 @@ namespace lowbit {
 const int8_t kIQ4NLValues[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 // bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bit, bias 2) divided by its largest value 12, in
-// the order of the 4-bit codes (bit 3 = sign). Index 8 is -0.0, as bitsandbytes' CUDA and AVX-512 CPU
-// kernels return it (magnitude times sign); its other CPU kernel returns +0.0 (spec/quant-types.md#fp4).
+// the order of the 4-bit codes (bit 3 = sign). Index 8 is -0.0, as bitsandbytes' CUDA kernel
+// returns it (magnitude times sign); its 0.50.2 CPU kernel returns +0.0 (spec/quant-types.md#fp4).
 const float kFP4Codes[16] = {
     0.0f,  0x1.555556p-8f,  0x1.555556p-1f,  1.0f,  0x1.555556p-2f,  0.5f,  0x1.555556p-3f,  0.25f,
     -0.0f, -0x1.555556p-8f, -0x1.555556p-1f, -1.0f, -0x1.555556p-2f, -0.5f, -0x1.555556p-3f, -0.25f,
