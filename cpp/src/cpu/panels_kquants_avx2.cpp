@@ -176,7 +176,7 @@ struct PanelQ6K {
 
 // s += p, kept as a chain. Without the empty asm GCC reassociates the int16 sums of a sub-block into a tree
 // that holds every vpmaddubsw product at once, spills most of them to the stack and runs at a third of the
-// speed (Q4_K, 120 tokens, one Zen 3 core: 55 GMAC/s as a tree).
+// speed (Q4_K, 120 tokens, one Zen 4 core: 55 GMAC/s as a tree).
 inline void add_chain(__m256i& s, __m256i p) {
     s = _mm256_add_epi16(s, p);
 #if defined(__GNUC__)
@@ -258,7 +258,7 @@ void panel_rows_cols(const uint8_t* panel, int64_t n_blocks, int h0, const uint8
 }
 
 // Each format's pass is kH 8-row halves (1: rows 0..7, then 8..15; 2: all 16 rows, so an activation broadcast
-// serves both) by kNC columns, chosen by measurement on one Zen 3 core (2048 x 2048 x 120 tokens; the formats
+// serves both) by kNC columns, chosen by measurement on one Zen 4 core (2048 x 2048 x 120 tokens; the formats
 // with two int16 sums per sub-block spill at 16 rows x 3 columns); the panel's columns in groups of 24 so its
 // weights stay in L1/L2 across them. Every output lane sees the same instruction sequence in any pass shape.
 template <class F>
