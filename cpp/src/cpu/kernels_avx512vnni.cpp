@@ -415,13 +415,14 @@ void panel_columns_q4_K(const uint8_t* panel, int64_t n_blocks, const uint8_t* x
     for (int c = 0; c < NC; ++c) _mm512_storeu_ps(y + c * ys, acc[c]);
 }
 
-void panel_q4_K_avx512vnni(int64_t k, const void* panels, int64_t n_panels, const void* x, size_t xs, int64_t n_tok,
-                           float* y, size_t ys) {
-    static void (*const cols[kPanelCols])(const uint8_t*, int64_t, const uint8_t*, size_t, float*, size_t) = {
-        &panel_columns_q4_K<1>, &panel_columns_q4_K<2>, &panel_columns_q4_K<3>, &panel_columns_q4_K<4>,
-        &panel_columns_q4_K<5>, &panel_columns_q4_K<6>, &panel_columns_q4_K<7>, &panel_columns_q4_K<8>};
-    const int64_t n_blocks = k / 256;
-    const size_t panel_bytes = static_cast<size_t>(n_blocks) * kPanelQ4_KBytes;
+using PanelColumnsFn = void (*)(const uint8_t* panel, int64_t n_blocks, const uint8_t* x, size_t xs, float* y,
+                                size_t ys);
+
+// Panels p of n_panels (n_blocks blocks of block_bytes each) against n_tok columns, kPanelCols at a time:
+// cols[NC - 1] computes one group of NC columns.
+void panel_groups(const PanelColumnsFn* cols, int64_t n_blocks, size_t block_bytes, const void* panels,
+                  int64_t n_panels, const void* x, size_t xs, int64_t n_tok, float* y, size_t ys) {
+    const size_t panel_bytes = static_cast<size_t>(n_blocks) * block_bytes;
     const uint8_t* xb = static_cast<const uint8_t*>(x);
     for (int64_t p = 0; p < n_panels; ++p) {
         const uint8_t* panel = static_cast<const uint8_t*>(panels) + p * panel_bytes;
@@ -435,19 +436,19 @@ void panel_q4_K_avx512vnni(int64_t k, const void* panels, int64_t n_panels, cons
 template <class P>
 void panel_fmt(int64_t k, const void* panels, int64_t n_panels, const void* x, size_t xs, int64_t n_tok, float* y,
                size_t ys) {
-    static void (*const cols[kPanelCols])(const uint8_t*, int64_t, const uint8_t*, size_t, float*, size_t) = {
+    static const PanelColumnsFn cols[kPanelCols] = {
         &panel_columns_fmt<P, 1>, &panel_columns_fmt<P, 2>, &panel_columns_fmt<P, 3>, &panel_columns_fmt<P, 4>,
         &panel_columns_fmt<P, 5>, &panel_columns_fmt<P, 6>, &panel_columns_fmt<P, 7>, &panel_columns_fmt<P, 8>};
-    const int64_t n_sb = k / (32 * P::kSub);
-    const int64_t panel_bytes = n_sb * (P::kScaleBytes + P::kSub * P::kSubBytes);
-    const uint8_t* xb = static_cast<const uint8_t*>(x);
-    for (int64_t p = 0; p < n_panels; ++p) {
-        const uint8_t* panel = static_cast<const uint8_t*>(panels) + p * panel_bytes;
-        for (int64_t c0 = 0; c0 < n_tok; c0 += kPanelCols) {
-            const int nc = static_cast<int>(std::min<int64_t>(kPanelCols, n_tok - c0));
-            cols[nc - 1](panel, n_sb, xb + c0 * xs, xs, y + c0 * ys + p * kPanelRows, ys);
-        }
-    }
+    panel_groups(cols, k / (32 * P::kSub), P::kScaleBytes + P::kSub * P::kSubBytes, panels, n_panels, x, xs, n_tok,
+                 y, ys);
+}
+
+void panel_q4_K_avx512vnni(int64_t k, const void* panels, int64_t n_panels, const void* x, size_t xs, int64_t n_tok,
+                           float* y, size_t ys) {
+    static const PanelColumnsFn cols[kPanelCols] = {
+        &panel_columns_q4_K<1>, &panel_columns_q4_K<2>, &panel_columns_q4_K<3>, &panel_columns_q4_K<4>,
+        &panel_columns_q4_K<5>, &panel_columns_q4_K<6>, &panel_columns_q4_K<7>, &panel_columns_q4_K<8>};
+    panel_groups(cols, k / 256, kPanelQ4_KBytes, panels, n_panels, x, xs, n_tok, y, ys);
 }
 
 template <class F>
