@@ -41,21 +41,7 @@ constexpr Kernels make_avx512_table() {
     t.at(QType::F16).dot = dot_float<LoadF16>;
     t.at(QType::BF16).dot = dot_float<LoadBF16>;
     t.at(QType::F32).dot = dot_float<LoadF32>;
-    // The types added with the K-quants: the AVX2 kernels (no AVX-512 kernels without VNNI yet) (cpu/kernels_more.h)
-    t.at(QType::Q5_0).dot = dot_q5_0_avx2;
-    t.at(QType::Q5_0).panel = panel_q5_0_avx2;
-    t.at(QType::Q5_1).dot = dot_q5_1_avx2;
-    t.at(QType::IQ4_NL).dot = dot_iq4_nl_avx2;
-    t.at(QType::IQ4_XS).dot = dot_iq4_xs_avx2;
-    t.at(QType::FP4).dot = dot_fp4_avx2;
-    t.at(QType::Q2_K).dot = dot_q2_K_avx2;
-    t.at(QType::Q3_K).dot = dot_q3_K_avx2;
-    t.at(QType::Q4_K).dot = dot_q4_K_avx2;
-    t.at(QType::Q4_K).panel = panel_q4_K_avx2;
-    t.at(QType::Q5_K).dot = dot_q5_K_avx2;
-    t.at(QType::Q5_K).panel = panel_q5_K_avx2;
-    t.at(QType::Q6_K).dot = dot_q6_K_avx2;
-    t.at(QType::Q6_K).panel = panel_q6_K_avx2;
+    set_added_types_avx2(t);  // the AVX2 kernels of Q5_0 .. Q6_K: no AVX-512 ones without VNNI yet
     return t;
 }
 
