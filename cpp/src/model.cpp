@@ -1,5 +1,5 @@
-// The forward pass of decoder-only transformers (llama, qwen2, qwen3): embed -> blocks [norm, attention,
-// norm, gated feed-forward] -> norm -> output head, each architecture one row of ArchSpec. Reads top to
+// The forward pass of decoder-only transformers (llama, qwen2, qwen3, gemma3): embed -> blocks [norm,
+// attention, norm, gated feed-forward] -> norm -> output head, each architecture one row of ArchSpec. Reads top to
 // bottom, then the loading; where the bytes live is cpp/src/weights.cpp, the heavy lifting cpu::matmul.
 #include "lowbit/model.h"
 
@@ -12,6 +12,7 @@
 
 #include "lowbit/cuda.h"
 #include "lowbit/kernels.h"
+#include "kv_cache.h"
 #include "weights.h"
 
 namespace lowbit {
@@ -24,11 +25,20 @@ using NP = NormPlacement;
 using Act = Activation;
 using Rope = RopeStyle;
 const std::vector<ArchSpec> kArchitectures = {
-    // name      norm      qkv_bias qk_norm act        rope            embed_scale swa rope_base_swa tied  softcap
-    {"llama",   NP::kPre, false,   false,  Act::kSilu, Rope::kInterleaved, false,  0,  0.0f,        false, false},
-    {"mistral", NP::kPre, false,   false,  Act::kSilu, Rope::kInterleaved, false,  0,  0.0f,        false, false},
-    {"qwen2",   NP::kPre, true,    false,  Act::kSilu, Rope::kNeox,        false,  0,  0.0f,        false, false},
-    {"qwen3",   NP::kPre, false,   true,   Act::kSilu, Rope::kNeox,        false,  0,  0.0f,        false, false},
+    // name      norm           qkv_bias qk_norm act            rope                embed_scale swa rope_base_swa
+    //                                                                                   tied   softcap 27B-query-scale
+    {"llama",   NP::kPre,      false,   false,  Act::kSilu,     Rope::kInterleaved, false,  0,  0.0f,
+                                                                                        false, false,  0},
+    {"mistral", NP::kPre,      false,   false,  Act::kSilu,     Rope::kInterleaved, false,  0,  0.0f,
+                                                                                        false, false,  0},
+    {"qwen2",   NP::kPre,      true,    false,  Act::kSilu,     Rope::kNeox,        false,  0,  0.0f,
+                                                                                        false, false,  0},
+    {"qwen3",   NP::kPre,      false,   true,   Act::kSilu,     Rope::kNeox,        false,  0,  0.0f,
+                                                                                        false, false,  0},
+    // Gemma 3: norms stored as 1 + w (the converter adds HF's 1), five sliding blocks to a global one, the
+    // sliding blocks' RoPE base 10000, the head tied where output.weight is absent (llama.cpp's gemma3).
+    {"gemma3",  NP::kSandwich, false,   true,   Act::kGeluTanh, Rope::kNeox,        true,   6,  10000.0f,
+                                                                                        false, true,   62},
 };
 }  // namespace
 
@@ -253,10 +263,11 @@ void Model::attention(int slot, int window, int n, int pos0) {
     const int hd = c.head_dim;
     const int64_t q_dim = static_cast<int64_t>(c.n_head) * hd;
     const int group = c.n_head / c.n_head_kv;
-    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    const float scale = c.attn_scale;
     const size_t row_bytes = kv_->row_bytes();
     const uint8_t* kc = kv_->k(slot);
     const uint8_t* vc = kv_->v(slot);
+    const int cap = kv_->capacity(slot);  // position t is in row t % cap (a sliding block's ring)
     const bool f16 = kv_->f16();
     // One item = one query token x one KV head: the `group` query heads that share those keys and values
     // are scored together (dot tiles of up to 4 keys x 4 heads), so each key and value row is read once per
@@ -276,15 +287,21 @@ void Model::attention(int slot, int window, int n, int pos0) {
             const size_t off = static_cast<size_t>(g) * hd * kv_->elem_bytes();
             const float* q = q_.data() + i * q_dim + static_cast<int64_t>(g) * group * hd;  // (group, hd)
 
-            // scores[c * n_ctx + t] = q_c . k_t
-            for (int t = t0; t < n_kv; t += cpu::kTileRows) {
-                const int rows = std::min(cpu::kTileRows, n_kv - t);
-                for (int c0 = 0; c0 < group; c0 += cpu::kTileCols) {
-                    const int cols = std::min(cpu::kTileCols, group - c0);
-                    score_tile(hd, kc + t * row_bytes + off, row_bytes, rows, q + static_cast<int64_t>(c0) * hd,
-                               static_cast<size_t>(hd) * sizeof(float), cols,
-                               scores + static_cast<size_t>(c0) * n_ctx_ + t, static_cast<size_t>(n_ctx_));
+            // scores[c * n_ctx + t] = q_c . k_t, over runs of positions whose rows are contiguous in the ring
+            for (int run = t0; run < n_kv;) {
+                const int row0 = run % cap;
+                const int run_end = std::min(n_kv, run + (cap - row0));
+                for (int t = run; t < run_end; t += cpu::kTileRows) {
+                    const int rows = std::min(cpu::kTileRows, run_end - t);
+                    const uint8_t* krows = kc + static_cast<size_t>(row0 + (t - run)) * row_bytes + off;
+                    for (int c0 = 0; c0 < group; c0 += cpu::kTileCols) {
+                        const int cols = std::min(cpu::kTileCols, group - c0);
+                        score_tile(hd, krows, row_bytes, rows, q + static_cast<int64_t>(c0) * hd,
+                                   static_cast<size_t>(hd) * sizeof(float), cols,
+                                   scores + static_cast<size_t>(c0) * n_ctx_ + t, static_cast<size_t>(n_ctx_));
+                    }
                 }
+                run = run_end;
             }
             float inv_sum[64];  // group <= 64 (checked at load)
             for (int cg = 0; cg < group; ++cg) {
@@ -308,8 +325,8 @@ void Model::attention(int slot, int window, int n, int pos0) {
                 std::fill(out, out + hd, 0.0f);
             }
             float* out0 = att_out_.data() + i * q_dim + static_cast<int64_t>(g) * group * hd;
-            for (int t = t0; t < n_kv; ++t) {
-                const uint8_t* vsrc = vc + t * row_bytes + off;
+            for (int t = t0, row = t0 % cap; t < n_kv; ++t, row = row + 1 == cap ? 0 : row + 1) {
+                const uint8_t* vsrc = vc + static_cast<size_t>(row) * row_bytes + off;
                 const float* v = reinterpret_cast<const float*>(vsrc);
                 if (f16 && !kr.axpy_f16) {
                     row_to_f32(QType::F16, vsrc, vrow, hd);
@@ -353,11 +370,28 @@ void Model::gated_activation(float* gate, const float* up, int64_t count) {
 // ----------------------------------------------------------------------------------------------------
 // the cache interface
 
+int Model::reusable_prefix(int n_keep) const {
+    if (n_keep <= 0 || n_keep > n_past()) return 0;
+    // The next token (position n_keep) of a sliding block reads positions from n_keep - window + 1 on; the
+    // ring still holds them if no later position has taken their rows.
+    for (const Layer& L : layers_) {
+        if (L.backend != Backend::kCpu || L.window == 0) continue;
+        const int first_needed = std::max(0, n_keep - L.window + 1);
+        if (n_past() - first_needed > kv_->capacity(L.slot)) return 0;
+    }
+    return n_keep;
+}
+
 void Model::truncate(int n_keep) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (n_keep < 0 || n_keep > n_past()) {
         throw Error("truncate(" + std::to_string(n_keep) + "): n_keep must be between 0 and n_past (" +
                     std::to_string(n_past()) + ")");
+    }
+    if (n_keep > 0 && reusable_prefix(n_keep) != n_keep) {
+        throw Error("truncate(" + std::to_string(n_keep) + "): the sliding-window blocks no longer hold the " +
+                    "window before position " + std::to_string(n_keep) + " (they keep their last window + n_batch - 1 " +
+                    "positions); truncate to 0 and evaluate again");
     }
     if (gpu_) gpu_->truncate(n_keep);
     tokens_.resize(n_keep);  // entries past n_keep are simply overwritten by later evals
@@ -521,6 +555,36 @@ void Model::read_config(const std::string& path) {
     if (!(c.rope_freq_base > 0.0f)) throw Error("rope.freq_base must be > 0");
     if (!(c.rms_eps >= 0.0f)) throw Error("attention.layer_norm_rms_epsilon must be >= 0");
     if (c.arch.logit_softcap) c.logit_softcap = static_cast<float>(r.get_float(a + "final_logit_softcapping", 0.0));
+    if (!(c.logit_softcap >= 0.0f)) throw Error("final_logit_softcapping must be >= 0");
+
+    // Query scale: HF's query_pre_attn_scalar^-0.5, which is head_dim^-0.5 but for Gemma 3 27B.
+    c.attn_scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    if (c.arch.query_scale_embd_blocks > 0 && c.n_layer == c.arch.query_scale_embd_blocks) {
+        c.attn_scale = 1.0f / std::sqrt(static_cast<float>(c.n_embd / c.n_head));
+    }
+    c.attn_scale = static_cast<float>(r.get_float(a + "attention.scale", c.attn_scale));
+    if (!(c.attn_scale > 0.0f)) throw Error("attention.scale must be > 0");
+
+    // Which blocks slide (ArchSpec::swa_pattern): none unless the row has a pattern and the file a window.
+    c.sliding.assign(c.n_layer, false);
+    const GGUFValue* window = c.arch.swa_pattern > 0 ? r.find(a + "attention.sliding_window") : nullptr;
+    if (window && window->as_int() > 0) {
+        c.sliding_window = static_cast<int>(std::min<int64_t>(window->as_int(), INT32_MAX));
+        int pattern = c.arch.swa_pattern;
+        const GGUFValue* p = r.find(a + "attention.sliding_window_pattern");
+        if (p && p->type == GGUFType::ARRAY) {
+            if (p->arr.size() != static_cast<size_t>(c.n_layer)) {
+                throw Error("attention.sliding_window_pattern has " + std::to_string(p->arr.size()) +
+                            " entries for " + std::to_string(c.n_layer) + " blocks");
+            }
+            for (int l = 0; l < c.n_layer; ++l) c.sliding[l] = p->arr[l].as_int() != 0;
+        } else {
+            if (p) pattern = static_cast<int>(p->as_int());
+            if (pattern < 0) throw Error("attention.sliding_window_pattern must be >= 0");
+            // Blocks P-1, 2P-1, ... are global, the others slide (as llama.cpp: P = 0 slides every block).
+            for (int l = 0; l < c.n_layer; ++l) c.sliding[l] = pattern == 0 || (l % pattern) < pattern - 1;
+        }
+    }
 
     c.eog_ids = end_of_generation_ids(r);
 }
@@ -554,14 +618,6 @@ void Model::load_tensors() {
         output = token_embd;
     }
 
-    // Layer kinds: with a sliding-window pattern P, blocks P-1, 2P-1, ... are global, the others slide.
-    int window = 0;
-    if (arch.swa_pattern > 0) {
-        const GGUFValue* v = r.find(c.architecture + ".attention.sliding_window");
-        if (!v || v->as_int() <= 0) throw Error("'" + r.path() + "' lacks a positive " + c.architecture + ".attention.sliding_window");
-        window = static_cast<int>(std::min<int64_t>(v->as_int(), INT32_MAX));
-    }
-
     const int64_t q_dim = static_cast<int64_t>(c.n_head) * c.head_dim;
     const int64_t kv_dim = static_cast<int64_t>(c.n_head_kv) * c.head_dim;
     layers_.resize(c.n_layer);
@@ -591,9 +647,8 @@ void Model::load_tensors() {
             L.attn_post_norm = s.vector(find(p + "post_attention_norm.weight"), c.n_embd);
             L.ffn_post_norm = s.vector(find(p + "post_ffw_norm.weight"), c.n_embd);
         }
-        const bool sliding = arch.swa_pattern > 0 && (l + 1) % arch.swa_pattern != 0;
-        L.rope = sliding ? 1 : 0;
-        L.window = sliding ? window : 0;
+        L.rope = c.sliding[l] ? 1 : 0;
+        L.window = c.sliding[l] ? c.sliding_window : 0;
         L.backend = Backend::kCpu;  // until GpuLayers::place takes it
         L.slot = n_cpu++;
     }
@@ -616,9 +671,10 @@ void Model::load_tensors() {
         return f;
     };
     rope_inv_freq_[0] = inv_freq(c.rope_freq_base, c.rope_freq_scale, freq_factors);
-    if (arch.swa_pattern > 0) {
-        const double base_swa = arch.rope_base_swa > 0.0f
-            ? arch.rope_base_swa : r.get_float(c.architecture + ".rope.freq_base_swa", c.rope_freq_base);
+    if (c.sliding_window > 0) {
+        const double base_swa = r.get_float(c.architecture + ".rope.freq_base_swa",
+                                            arch.rope_base_swa > 0.0f ? arch.rope_base_swa : c.rope_freq_base);
+        if (!(base_swa > 0.0)) throw Error("rope.freq_base_swa must be > 0");
         rope_inv_freq_[1] = inv_freq(base_swa, 1.0, nullptr);
     }
 }
@@ -629,9 +685,14 @@ void Model::allocate_state() {
     const int64_t q_dim = static_cast<int64_t>(c.n_head) * c.head_dim;
     const int64_t kv_dim = static_cast<int64_t>(c.n_head_kv) * c.head_dim;
 
-    int n_cpu = 0;
-    for (const Layer& L : layers_) n_cpu += L.backend == Backend::kCpu;
-    kv_ = std::make_unique<KvCache>(n_cpu, n_ctx_, kv_dim, params_.kv_f16);  // CPU blocks only
+    // The CPU blocks' caches: n_ctx rows, or for a sliding block what a chunk of n_batch tokens can reach.
+    std::vector<int> capacity;
+    for (const Layer& L : layers_) {
+        if (L.backend != Backend::kCpu) continue;
+        const int64_t rows = L.window > 0 ? static_cast<int64_t>(L.window) + nb - 1 : n_ctx_;
+        capacity.push_back(static_cast<int>(std::min<int64_t>(rows, n_ctx_)));
+    }
+    kv_ = std::make_unique<KvCache>(capacity, kv_dim, params_.kv_f16);
     tokens_.reserve(n_ctx_);
 
     x_.assign(nb * c.n_embd, 0.0f);

@@ -1,5 +1,5 @@
 // Where a model's bytes live: owned buffers and the huge-page arena, load-time repacking into panels with the
-// file pages released, the KV cache of the CPU blocks, and the CUDA placement of the last blocks.
+// file pages released, and the CUDA placement of the last blocks.
 #include "weights.h"
 
 #include <algorithm>
@@ -250,32 +250,6 @@ bool WeightStore::repack_for_cpu(const std::vector<WeightView*>& matrices, Weigh
         release(w.data, w.data + bytes);  // the pages that straddled two slices
     }
     return tied_from_panels;
-}
-
-// ----------------------------------------------------------------------------------------------------
-// the KV cache of the CPU blocks
-
-KvCache::KvCache(int n_slots, int n_ctx, int64_t kv_dim, bool f16)
-    : n_ctx_(n_ctx), kv_dim_(kv_dim), elem_bytes_(f16 ? 2 : 4), row_bytes_(static_cast<size_t>(kv_dim) * elem_bytes_) {
-    const size_t bytes = static_cast<size_t>(n_slots) * n_ctx * row_bytes_;
-    k_ = OwnedBuffer(bytes, OwnedBuffer::kCache);
-    v_ = OwnedBuffer(bytes, OwnedBuffer::kCache);
-}
-
-void KvCache::store(int slot, int pos0, int n, const float* k, const float* v) {
-    uint8_t* kc = k_.data() + (static_cast<size_t>(slot) * n_ctx_ + pos0) * row_bytes_;
-    uint8_t* vc = v_.data() + (static_cast<size_t>(slot) * n_ctx_ + pos0) * row_bytes_;
-    if (f16()) {
-        uint16_t* kh = reinterpret_cast<uint16_t*>(kc);
-        uint16_t* vh = reinterpret_cast<uint16_t*>(vc);
-        for (int64_t e = 0; e < n * kv_dim_; ++e) {
-            kh[e] = fp32_to_fp16(k[e]);
-            vh[e] = fp32_to_fp16(v[e]);
-        }
-    } else {
-        std::memcpy(kc, k, n * row_bytes_);
-        std::memcpy(vc, v, n * row_bytes_);
-    }
 }
 
 // ----------------------------------------------------------------------------------------------------

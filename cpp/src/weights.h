@@ -77,27 +77,6 @@ private:
     uint64_t mapped_ = 0;    // tensor bytes used in place from the mapping
 };
 
-// K and V of the CPU blocks: (n_slots, n_ctx, kv_dim) each, fp32 or fp16.
-class KvCache {
-public:
-    KvCache(int n_slots, int n_ctx, int64_t kv_dim, bool f16);
-    bool f16() const { return elem_bytes_ == 2; }
-    size_t elem_bytes() const { return elem_bytes_; }
-    size_t row_bytes() const { return row_bytes_; }
-    const uint8_t* k(int slot) const { return k_.data() + static_cast<size_t>(slot) * n_ctx_ * row_bytes_; }
-    const uint8_t* v(int slot) const { return v_.data() + static_cast<size_t>(slot) * n_ctx_ * row_bytes_; }
-    // Rows pos0 .. pos0+n-1 of slot = k, v (n, kv_dim) fp32.
-    void store(int slot, int pos0, int n, const float* k, const float* v);
-    uint64_t bytes() const { return k_.size() + v_.size(); }
-
-private:
-    OwnedBuffer k_, v_;
-    int n_ctx_;
-    int64_t kv_dim_;
-    size_t elem_bytes_;
-    size_t row_bytes_;
-};
-
 // The blocks the CUDA backend holds. Placement follows llama.cpp's n_gpu_layers: the LAST N blocks (with
 // their KV cache), and N > n_layer (or N < 0: everything) the output head too; the token embedding always
 // stays on the CPU.

@@ -40,6 +40,8 @@ py::dict config_dict(const lowbit::ModelConfig& c) {
     d["rope_freq_scale"] = c.rope_freq_scale;
     d["rms_eps"] = c.rms_eps;
     d["tied_embeddings"] = c.tied_embeddings;
+    d["sliding_window"] = c.sliding_window;
+    d["attn_scale"] = c.attn_scale;
     return d;
 }
 
@@ -90,6 +92,9 @@ void bind_model(py::module_& m) {
             py::arg("tokens"), py::arg("all_logits") = false,
             "Evaluate tokens after the cached ones; returns the last token's logits (n_vocab,) or all (n, n_vocab).")
         .def("truncate", &Model::truncate, py::arg("n_keep"), "Drop cached positions >= n_keep.")
+        .def("reusable_prefix", &Model::reusable_prefix, py::arg("n_keep"),
+             "n_keep if truncate(n_keep) can keep that many cached positions, else 0 (sliding-window blocks "
+             "keep only their last window + n_batch - 1 positions).")
         .def_property_readonly("n_past", &Model::n_past)
         .def_property_readonly("n_ctx", &Model::n_ctx)
         .def_property_readonly("n_vocab", [](const Model& self) { return self.config().n_vocab; })

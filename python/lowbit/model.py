@@ -38,7 +38,7 @@ Prompt = Union[str, Sequence[int]]
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters read from the file (llama.* keys)."""
+    """Hyper-parameters read from the file ({architecture}.* keys)."""
 
     architecture: str
     name: str
@@ -55,6 +55,8 @@ class ModelConfig:
     rope_freq_scale: float
     rms_eps: float
     tied_embeddings: bool
+    sliding_window: int = 0      # sliding-window blocks attend to this many positions; 0: none
+    attn_scale: float = 0.0      # the queries' scale (1/sqrt(head_dim) for most models)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
@@ -372,6 +374,7 @@ class Model:
         n_keep = _common_prefix(core.tokens, prompt)
         if n_keep == prompt.size:
             n_keep -= 1  # the last prompt token must be evaluated again to get its logits
+        n_keep = core.reusable_prefix(n_keep)  # 0 where sliding-window blocks no longer hold that far back
         core.truncate(n_keep)
         t0 = time.perf_counter()
         logits = core.eval(prompt[n_keep:])

@@ -1,4 +1,4 @@
-// The decoder-only transformer runtime (llama, qwen2, qwen3): load a GGUF file (weights used in place from the
+// The decoder-only transformer runtime (llama, qwen2, qwen3, gemma3): load a GGUF file (weights used in place from the
 // mapping) and evaluate tokens.
 #pragma once
 
@@ -43,13 +43,19 @@ struct ArchSpec {
     Activation act = Activation::kSilu;
     RopeStyle rope = RopeStyle::kInterleaved;
     bool embed_scale = false;              // embeddings scaled by sqrt(n_embd)
-    // Layer kinds: with swa_pattern P > 0, every P-th block attends to all positions and the others to a
-    // window of {arch}.attention.sliding_window; 0: every block is global. The rope base of the sliding
-    // blocks is rope_base_swa (0: the file's rope.freq_base); rope scaling applies to global blocks.
+    // Sliding-window attention, where the file has {arch}.attention.sliding_window > 0: every swa_pattern-th
+    // block attends to all positions and the others to the last `sliding_window` ones, unless the file's
+    // {arch}.attention.sliding_window_pattern says otherwise (an int, or one bool per block: true = sliding).
+    // 0: every block is global. Sliding blocks turn RoPE with {arch}.rope.freq_base_swa, default
+    // rope_base_swa (0: the global base), and without rope scaling.
     int swa_pattern = 0;
     float rope_base_swa = 0.0f;
     bool tied_output = false;              // the head always reuses token_embd (output.weight never read)
     bool logit_softcap = false;            // logits = c * tanh(logits / c), c = {arch}.final_logit_softcapping
+    // Queries are scaled by {arch}.attention.scale if the file has it, else by 1/sqrt(head_dim), except in
+    // files of exactly this many blocks, whose query_pre_attn_scalar is n_embd / n_head (Gemma 3 27B: files
+    // carry no key for it and llama.cpp knows it by the block count). 0: no such exception.
+    int query_scale_embd_blocks = 0;
 };
 
 // Hyper-parameters read from the file's {arch}.* keys (see spec/container.md).
@@ -70,6 +76,9 @@ struct ModelConfig {
     float rope_freq_scale = 1.0f;  // 1 / {arch}.rope.scaling.factor for "linear" scaling
     float rms_eps = 1e-5f;       // {arch}.attention.layer_norm_rms_epsilon
     float logit_softcap = 0.0f;  // {arch}.final_logit_softcapping where the row has it; 0: none
+    float attn_scale = 0.0f;     // queries' scale before q.k (ArchSpec::query_scale_embd_blocks)
+    int sliding_window = 0;      // {arch}.attention.sliding_window where the row slides; 0: none
+    std::vector<bool> sliding;   // (n_layer) whether each block attends only to the last sliding_window positions
     bool tied_embeddings = false;  // output.weight absent: the head reuses token_embd
     // Tokens that end a generation: tokenizer.ggml.eos/eot/eom_token_id, and control tokens whose text is an
     // end-of-turn marker of a known chat format ("<|im_end|>", "<|eot_id|>", ...). Sorted, unique.
@@ -131,7 +140,7 @@ struct Layer {
     Backend backend = Backend::kCpu;
     int slot = 0;      // index among its backend's blocks (the CPU KV cache's layer, the GPU backend's layer)
     int rope = 0;      // which rope table: 0 global, 1 sliding-window blocks
-    int window = 0;    // attends to the last `window` positions; 0: all
+    int window = 0;    // attends to the last `window` positions (itself included); 0: all
 
     // The matrices, in the order decode reads them.
     std::array<const WeightView*, 7> matrices() const { return {&wq, &wk, &wv, &wo, &w_gate, &w_up, &w_down}; }
@@ -168,8 +177,12 @@ public:
     // n_batch. logits: (n_vocab) for the last token, or (n, n_vocab) when all_logits. Bad input throws
     // Error before any state changes; the cache only ever holds fully evaluated chunks.
     void eval(const int32_t* tokens, int n, float* logits, bool all_logits);
-    // Drop cache entries at positions >= n_keep (prefix reuse). n_keep > n_past is an error.
+    // Drop cache entries at positions >= n_keep (prefix reuse). n_keep > n_past is an error, and so is an
+    // n_keep whose window a sliding-window block no longer holds (see reusable_prefix).
     void truncate(int n_keep);
+    // n_keep if truncate(n_keep) can keep that many cached positions, else 0: a sliding-window block keeps
+    // only the last window + n_batch - 1 positions, so going back further means evaluating from the start.
+    int reusable_prefix(int n_keep) const;
 
     MemoryFootprint memory_footprint() const;
 

@@ -1,0 +1,45 @@
+// The KV cache of the CPU blocks: a ring of rows per block (see kv_cache.h).
+#include "kv_cache.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "lowbit/types.h"
+
+namespace lowbit {
+
+KvCache::KvCache(const std::vector<int>& capacity, int64_t kv_dim, bool f16)
+    : capacity_(capacity), kv_dim_(kv_dim), elem_bytes_(f16 ? 2 : 4),
+      row_bytes_(static_cast<size_t>(kv_dim) * elem_bytes_) {
+    size_t rows = 0;
+    for (int cap : capacity_) {
+        offset_.push_back(rows * row_bytes_);
+        rows += static_cast<size_t>(cap);
+    }
+    k_ = OwnedBuffer(rows * row_bytes_, OwnedBuffer::kCache);
+    v_ = OwnedBuffer(rows * row_bytes_, OwnedBuffer::kCache);
+}
+
+void KvCache::store_rows(uint8_t* dst, const float* src, int n) {
+    if (f16()) {
+        uint16_t* h = reinterpret_cast<uint16_t*>(dst);
+        for (int64_t e = 0; e < n * kv_dim_; ++e) h[e] = fp32_to_fp16(src[e]);
+    } else {
+        std::memcpy(dst, src, n * row_bytes_);
+    }
+}
+
+void KvCache::store(int slot, int pos0, int n, const float* k, const float* v) {
+    const int cap = capacity_[slot];
+    // At most two runs of rows: up to the end of the ring, then from its start.
+    for (int done = 0; done < n;) {
+        const int row = (pos0 + done) % cap;
+        const int run = std::min(n - done, cap - row);
+        const size_t at = offset_[slot] + static_cast<size_t>(row) * row_bytes_;
+        store_rows(k_.data() + at, k + done * kv_dim_, run);
+        store_rows(v_.data() + at, v + done * kv_dim_, run);
+        done += run;
+    }
+}
+
+}  // namespace lowbit
