@@ -1,5 +1,8 @@
 """Architectures beyond plain Llama, each a row of the core's ArchSpec table: Llama 3 RoPE scaling (rope_freqs),
-qwen2 (q/k/v biases, neox RoPE, tied head) and qwen3 (per-head q/k RMSNorm, explicit head size 24 != 64 / 4).
+qwen2 (q/k/v biases, neox RoPE, tied head), qwen3 (per-head q/k RMSNorm, explicit head size 24 != 64 / 4) and
+gemma3 (norms before and after attention and feed-forward stored as 1 + w, GELU-tanh, q/k norms, embedding x
+sqrt(n_embd), tied head, five sliding-window blocks of 8 positions to one global block, each kind with its own
+RoPE base, head size 32 != 64 / 4). Prompts are 32-48 tokens, several windows long.
 
 Per architecture a seeded tiny transformers checkpoint (tiny_models.make_tiny_model; every norm and bias
 redrawn) is converted with lowbit.convert, then:
@@ -10,14 +13,26 @@ redrawn) is converted with lowbit.convert, then:
 The runtime is also checked on a file written by llama.cpp's gguf-py from converter/hf.py's tensors and keys
 (hf.iter_tensors, hf.model_metadata), which does not depend on the conversion pipeline (converter/core.py).
 
-Q8_0 calibration (32 random tokens, seeds 0-5, AVX2 kernels; tests/test_model.py's method): worst mean KL and
-worst top-1 agreement over the seeds, then the limit (about twice the KL, about 0.1 below the top-1). A dropped
-bias or norm, or the wrong RoPE pairing, gives a KL of nats, far above these.
+Q8_0 calibration (32 random tokens, seeds 0-5, AVX2 kernels; tests/test_model.py's method; gemma3 on the
+AVX-512 VNNI kernels): worst mean KL and worst top-1 agreement over the seeds, then the limit (about twice the
+KL, about 0.1 below the top-1). A dropped bias or norm, or the wrong RoPE pairing, gives a KL of nats, far above
+these.
 
     arch    worst KL -> limit       worst top-1 -> limit
     llama3  3.3e-4   -> 7e-4        0.906 -> 0.80
     qwen2   2.2e-3   -> 5e-3        0.938 -> 0.85       (tied head: the 4x-scaled embedding is the output)
     qwen3   3.6e-4   -> 8e-4        0.844 -> 0.75
+    gemma3  7.3e-3   -> 1.5e-2      0.938 -> 0.85       (llama.cpp on the same files: about as far)
+
+Q4_K_M files need rows that hold 256-element superblocks: the same architectures at hidden 256, intermediate
+512 (seeds 0-5, AVX-512 VNNI). Against transformers' fp32 the 4-bit rounding itself dominates, so those limits
+are loose; against llama.cpp running the same file (the same rounded weights) they are tight:
+
+    arch    vs transformers: KL, top-1 -> limits     vs llama.cpp: KL, top-1 -> limits
+    llama3  3.9e-2, 0.56 -> 8e-2, 0.45                6.3e-4, 0.938 -> 1.3e-3, 0.85
+    qwen2   1.5e-1, 0.69 -> 3e-1, 0.55                2.9e-3, 0.969 -> 6e-3,   0.85
+    qwen3   3.4e-2, 0.56 -> 7e-2, 0.45                6.3e-4, 0.938 -> 1.3e-3, 0.85
+    gemma3  3.4e-1, 0.50 -> 7e-1, 0.40                8.3e-3, 0.938 -> 1.7e-2, 0.85
 """
 from __future__ import annotations
 
@@ -29,10 +44,13 @@ import pytest
 import lowbit
 from model_helpers import _ROOT, N_THREADS, kl_and_top1, log_softmax, random_ids
 
-ARCHS = ["llama3", "qwen2", "qwen3"]
-GGUF_ARCH = {"llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-TIED = {"llama3": False, "qwen2": True, "qwen3": False}
-Q8_LIMITS = {"llama3": (7e-4, 0.80), "qwen2": (5e-3, 0.85), "qwen3": (8e-4, 0.75)}
+ARCHS = ["llama3", "qwen2", "qwen3", "gemma3"]
+GGUF_ARCH = {"llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
+TIED = {"llama3": False, "qwen2": True, "qwen3": False, "gemma3": True}
+Q8_LIMITS = {"llama3": (7e-4, 0.80), "qwen2": (5e-3, 0.85), "qwen3": (8e-4, 0.75), "gemma3": (1.5e-2, 0.85)}
+KQ_HF_LIMITS = {"llama3": (8e-2, 0.45), "qwen2": (3e-1, 0.55), "qwen3": (7e-2, 0.45), "gemma3": (7e-1, 0.40)}
+KQ_LLAMACPP_LIMITS = {"llama3": (1.3e-3, 0.85), "qwen2": (6e-3, 0.85), "qwen3": (1.3e-3, 0.85),
+                      "gemma3": (1.7e-2, 0.85)}
 SEQ_LEN = 32
 
 
@@ -48,6 +66,15 @@ def hf_model(arch: str, seed: int = 0):
     from tiny_models import load_hf_model
 
     return load_hf_model(tiny_hf(arch, seed))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_hf_wide(arch: str):
+    """The architecture at hidden 256 / intermediate 512, so that K-quant superblocks fit its rows."""
+    from tiny_models import make_tiny_model
+
+    return make_tiny_model(_ROOT / "hf-arch", arch, tied=TIED[arch], hidden=256, intermediate=512,
+                           name=f"tiny-{arch}-wide")
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,12 +126,28 @@ def gguf_py_file(arch: str):
     return out
 
 
-def hf_logits(arch: str, ids: np.ndarray, seed: int = 0) -> np.ndarray:
+def hf_logits(arch: str, ids: np.ndarray, seed: int = 0, model=None) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        out = hf_model(arch, seed)(torch.as_tensor(np.asarray(ids, dtype=np.int64))[None])
+        out = (model or hf_model(arch, seed))(torch.as_tensor(np.asarray(ids, dtype=np.int64))[None])
     return out.logits[0].float().numpy()
+
+
+def llamacpp_logits(path, ids: np.ndarray) -> np.ndarray:
+    """llama.cpp's logits for every position of ids on the file (skips the test without llama_cpp)."""
+    try:
+        import llama_cpp
+    except ImportError as e:  # the oracle is an optional test dependency (pyproject's test extra)
+        pytest.skip(f"llama_cpp is not importable ({e}); install the llama-cpp-python wheel to run this oracle")
+    n = len(ids)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=max(64, n), n_batch=max(64, n), logits_all=True,
+                          n_threads=N_THREADS, verbose=False)
+    try:
+        llm.eval([int(t) for t in ids])
+        return np.array(llm.scores[:n], dtype=np.float32)
+    finally:
+        llm.close()
 
 
 def hf_greedy(arch: str, ids: np.ndarray, n_new: int) -> list[int]:
@@ -127,8 +170,22 @@ def test_converted_file_names_the_architecture(arch):
     names = {t.name for t in r.tensors}
     assert ("rope_freqs.weight" in names) == (arch == "llama3")
     assert ("blk.0.attn_q.bias" in names) == (arch == "qwen2")
-    assert ("blk.1.attn_k_norm.weight" in names) == (arch == "qwen3")
+    assert ("blk.1.attn_k_norm.weight" in names) == (arch in ("qwen3", "gemma3"))
+    assert ("blk.2.post_attention_norm.weight" in names) == (arch == "gemma3")
+    assert ("blk.2.post_ffw_norm.weight" in names) == (arch == "gemma3")
     assert ("output.weight" in names) == (not TIED[arch])
+    if arch == "gemma3":
+        from tiny_models import GEMMA3_WINDOW
+
+        fields = r.fields
+        assert int(fields["gemma3.attention.sliding_window"].parts[-1][0]) == GEMMA3_WINDOW
+        # The default layout (every 6th block global), the default sliding RoPE base (10000) and a query scale
+        # of head_dim^-0.5 are what llama.cpp assumes, so no key says them.
+        for key in ("gemma3.attention.sliding_window_pattern", "gemma3.rope.freq_base_swa", "gemma3.attention.scale"):
+            assert key not in fields, key
+        # Gemma's norms are stored as 1 + w: HF's weights are near 0, the file's near 1.
+        norm = next(t for t in r.tensors if t.name == "blk.0.post_ffw_norm.weight")
+        assert 0.5 < float(np.mean(norm.data)) < 1.5
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -138,6 +195,10 @@ def test_f32_logits_match_transformers(arch):
         assert m.config.architecture == GGUF_ARCH[arch]
         if arch == "qwen3":
             assert m.config.head_dim == 24 and m.config.head_dim * m.config.n_head != m.config.n_embd
+        if arch == "gemma3":
+            from tiny_models import GEMMA3_WINDOW
+
+            assert m.config.sliding_window == GEMMA3_WINDOW and SEQ_LEN > 3 * GEMMA3_WINDOW
         ours = m.logits(ids)
     ref = hf_logits(arch, ids)
     assert ours.shape == ref.shape
@@ -174,28 +235,140 @@ def test_q8_0_close_to_transformers(arch):
     assert kl <= max_kl and top1 >= min_top1, (kl, top1)
 
 
+@functools.lru_cache(maxsize=None)
+def _wide_q4_k_m(arch: str):
+    out = _ROOT / f"arch-{arch}-wide-q4_k_m.gguf"
+    lowbit.convert(tiny_hf_wide(arch), out, outtype="q4_k_m", progress=False, force=True)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_q4_k_m_close_to_transformers_and_to_llamacpp(arch):
+    from gguf import GGUFReader
+
+    path = _wide_q4_k_m(arch)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+    assert types["blk.0.ffn_gate.weight"] == "Q4_K" and types["blk.0.attn_q.weight"] == "Q4_K", types
+    ids = random_ids(SEQ_LEN, 400, seed=1)
+    with lowbit.load(path, n_threads=N_THREADS) as m:
+        ours = m.logits(ids)
+    from tiny_models import load_hf_model
+
+    kl, top1 = kl_and_top1(hf_logits(arch, ids, model=load_hf_model(tiny_hf_wide(arch))), ours)
+    max_kl, min_top1 = KQ_HF_LIMITS[arch]
+    assert kl <= max_kl and top1 >= min_top1, ("vs transformers", kl, top1)
+    kl, top1 = kl_and_top1(llamacpp_logits(path, ids), ours)
+    max_kl, min_top1 = KQ_LLAMACPP_LIMITS[arch]
+    assert kl <= max_kl and top1 >= min_top1, ("vs llama.cpp on the same file", kl, top1)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_llamacpp_reads_the_converted_file(arch):
-    try:
-        import llama_cpp
-    except ImportError as e:  # the oracle is an optional test dependency (pyproject's test extra)
-        pytest.skip(f"llama_cpp is not importable ({e}); install the llama-cpp-python wheel to run this oracle")
     ids = random_ids(SEQ_LEN, 400, seed=1)
-    llm = llama_cpp.Llama(model_path=str(tiny_gguf(arch, "f32")), n_ctx=64, n_batch=64, logits_all=True,
-                          n_threads=N_THREADS, verbose=False)
-    try:
-        llm.eval(ids.tolist())
-        theirs = np.array(llm.scores[:SEQ_LEN], dtype=np.float32)
-    finally:
-        llm.close()
+    theirs = llamacpp_logits(tiny_gguf(arch, "f32"), ids)
     lp, lq = log_softmax(hf_logits(arch, ids)), log_softmax(theirs)
     kl = float((np.exp(lp) * (lp - lq)).sum(-1).mean())
     assert kl <= 1e-4, kl
+
+
+# ---- Gemma 3's sliding windows ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_batch", [1, 5, 64])
+def test_gemma3_sliding_window_cache_in_any_chunking(n_batch):
+    """48 positions (6 windows) evaluated in chunks of 1, 5 and all: every position's logits equal
+    transformers' (the sliding blocks' ring of window + n_batch - 1 rows wraps many times)."""
+    ids = random_ids(48, 400, seed=5)
+    ref = hf_logits("gemma3", ids)
+    with lowbit.load(tiny_gguf("gemma3", "f32"), n_threads=N_THREADS, n_batch=n_batch) as m:
+        core = m._model()
+        rows = [core.eval(ids[i:i + n_batch], all_logits=True) for i in range(0, len(ids), n_batch)]
+        ours = np.concatenate([r.reshape(-1, ref.shape[1]) for r in rows])
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_gemma3_sliding_blocks_cache_only_their_window():
+    """The KV cache grows with n_ctx only for the global block: 5 of the 6 blocks keep window + n_batch - 1
+    positions however long the context."""
+    from tiny_models import GEMMA3_WINDOW
+
+    sizes = {}
+    for n_ctx in (128, 256):
+        with lowbit.load(tiny_gguf("gemma3", "f32"), n_ctx=n_ctx, n_batch=16, n_threads=N_THREADS) as m:
+            sizes[n_ctx] = m.memory_footprint()["kv"]
+            kv_row = 2 * m.config.n_head_kv * m.config.head_dim * 4  # K and V, fp32
+    assert sizes[256] - sizes[128] == 128 * kv_row  # one global block
+    assert sizes[128] == (128 + 5 * (GEMMA3_WINDOW + 16 - 1)) * kv_row
+
+
+def test_gemma3_prefix_reuse_past_the_window():
+    """Prefix reuse where the sliding blocks have dropped the positions a kept prefix would need: the model
+    starts over (reusable_prefix 0) and the result equals a fresh model's; a short step back is reused."""
+    a = random_ids(40, 400, seed=6)
+    b = np.concatenate([a[:12], random_ids(20, 400, seed=7)])
+    path = tiny_gguf("gemma3", "f32")
+    with lowbit.load(path, n_threads=N_THREADS, n_batch=4) as m:
+        core = m._model()
+        m.generate_tokens(a, max_new_tokens=4, temperature=0.0, stop_at_eos=False)
+        assert core.reusable_prefix(12) == 0 and core.reusable_prefix(core.n_past - 2) == core.n_past - 2
+        with pytest.raises(lowbit.LowbitError, match="sliding-window"):
+            core.truncate(12)
+        assert core.n_past == 43  # 40 + 3 (the last token is sampled, not evaluated); the refused truncate kept it
+        got_b = m.generate_tokens(b, max_new_tokens=8, temperature=0.0, stop_at_eos=False)
+        assert m.last_timings["reused_tokens"] == 0
+        c = np.concatenate([b, np.asarray(got_b[:6], dtype=np.int32)])  # the cache holds b + got_b[:7]
+        got_c = m.generate_tokens(c, max_new_tokens=8, temperature=0.0, stop_at_eos=False)
+        assert m.last_timings["reused_tokens"] == len(c) - 1
+    with lowbit.load(path, n_threads=N_THREADS) as fresh:
+        assert got_b == fresh.generate_tokens(b, max_new_tokens=8, temperature=0.0, stop_at_eos=False)
+        assert got_c == fresh.generate_tokens(c, max_new_tokens=8, temperature=0.0, stop_at_eos=False)
+    assert got_b == hf_greedy("gemma3", b, 8)
+
+
+def test_gemma3_layer_layout_from_config():
+    """A layout other than llama.cpp's default (here sliding, global, sliding) is written as
+    gemma3.attention.sliding_window_pattern, one bool per block, which lowbit and llama.cpp both follow."""
+    from gguf import GGUFReader
+    from tiny_models import load_hf_model, make_tiny_model
+
+    hf_dir = make_tiny_model(_ROOT / "hf-arch", "gemma3", tied=True, n_layers=3, name="tiny-gemma3-layout",
+                             layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    out = _ROOT / "arch-gemma3-layout-f32.gguf"
+    lowbit.convert(hf_dir, out, outtype="f32", progress=False, force=True)
+    field = GGUFReader(str(out)).fields["gemma3.attention.sliding_window_pattern"]
+    assert [bool(field.parts[i][0]) for i in field.data] == [True, False, True]
+    ids = random_ids(SEQ_LEN, 400, seed=1)
+    ref = hf_logits("gemma3", ids, model=load_hf_model(hf_dir))
+    with lowbit.load(out, n_threads=N_THREADS) as m:
+        ours = m.logits(ids)
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+    lp, lq = log_softmax(ref), log_softmax(llamacpp_logits(out, ids))
+    assert float((np.exp(lp) * (lp - lq)).sum(-1).mean()) <= 1e-4
+
+
+def test_gemma3_multimodal_checkpoint_converts_its_text_model():
+    """Gemma3ForConditionalGeneration: the vision tower and projector are left out, the language model's
+    tensors and text_config make the same gemma3 file, and its logits equal the multimodal model's on text."""
+    from gguf import GGUFReader
+    from tiny_models import load_hf_model, make_tiny_gemma3_multimodal
+
+    hf_dir = make_tiny_gemma3_multimodal(_ROOT / "hf-arch")
+    out = _ROOT / "arch-gemma3-multimodal-f32.gguf"
+    lowbit.convert(hf_dir, out, outtype="f32", progress=False, force=True)
+    r = GGUFReader(str(out))
+    assert file_architecture(out) == "gemma3"
+    assert all(t.name.startswith(("token_embd.", "output_norm.", "blk.")) for t in r.tensors)
+    assert len([t for t in r.tensors if t.name.startswith("blk.")]) == 6 * 13
+    ids = random_ids(SEQ_LEN, 390, seed=1)  # below the image tokens at the top of the vocabulary
+    ref = hf_logits("gemma3", ids, model=load_hf_model(hf_dir))
+    with lowbit.load(out, n_threads=N_THREADS) as m:
+        ours = m.logits(ids)
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
 def test_unsupported_architecture_names_it_and_the_supported_ones(tmp_path):
     from model_helpers import write_synthetic_gguf
 
     path = write_synthetic_gguf(tmp_path / "phi3.gguf", arch="phi3")
-    with pytest.raises(lowbit.LowbitError, match=r"architecture 'phi3'.*'llama'.*'qwen2'.*'qwen3'"):
+    with pytest.raises(lowbit.LowbitError, match=r"architecture 'phi3'.*'llama'.*'qwen2'.*'qwen3'.*'gemma3'"):
         lowbit.load(path)

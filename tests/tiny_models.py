@@ -261,7 +261,12 @@ TINY_ARCHITECTURES = {
     "llama3": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
 }
+
+# Gemma 3's tiny shape: 6 blocks, the last global (llama.cpp's default pattern), the others sliding over
+# GEMMA3_WINDOW positions, so prompts of a few dozen tokens run far past the window.
+GEMMA3_WINDOW = 8
 
 # Llama 3's RoPE scaling with a short original context, so that with head_dim 16 and base 1e4 the 8 pair
 # frequencies fall in all three regimes: wavelength < 16 kept, 16..64 blended, > 64 divided by the factor.
@@ -269,20 +274,50 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
+def _redraw(model, arch: str) -> None:
+    """Every parameter of a tiny model redrawn from seeded normals, so that logits are far from flat and a
+    dropped or misplaced norm or bias shows."""
+    import torch
+
+    # Gemma scales the embedding by sqrt(hidden) and ties the head to it: with the 4x embedding of the others
+    # every position would predict its own input token by a wide margin (quantization could not move the
+    # logits), so its embedding rows get rms 0.5 after the scaling and its final norm a larger weight; its
+    # other norms stay near HF's scale of 1 (w near 0 in x * (1 + w)), or sharp attention over q/k-normed
+    # heads makes the logits swing on rounding.
+    embed_gain = 0.5 if arch == "gemma3" else 4.0
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+            elif arch == "gemma3" and pname in ("model.norm.weight", "model.language_model.norm.weight"):
+                p.copy_(6.0 + 0.2 * torch.randn_like(p))
+            elif arch == "gemma3" and p.ndim == 1:  # Gemma's norms scale by 1 + w
+                p.copy_(0.2 * torch.randn_like(p))
+            elif p.ndim == 1:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (1.0 / p.shape[-1] ** 0.5) * (embed_gain if "embed" in pname else 1.0))
+
+
 def make_tiny_model(tmp_path: Path, arch: str, seed: int = 0, tied: bool = False, n_kv_heads: int = 2,
-                    head_dim: Optional[int] = None, n_layers: int = 2, vocab: int = 400) -> Path:
+                    head_dim: Optional[int] = None, n_layers: int = 2, vocab: int = 400,
+                    layer_types: Optional[list[str]] = None, name: Optional[str] = None, hidden: int = 64,
+                    intermediate: int = 128) -> Path:
     """A seeded tiny checkpoint of another architecture (TINY_ARCHITECTURES), f32 safetensors; returns its path.
 
-    hidden 64, 4 heads (n_kv_heads for K/V), intermediate 128, max_position 256. "llama3": LlamaForCausalLM
+    hidden 64, 4 heads (n_kv_heads for K/V), intermediate 128 (hidden 256 / intermediate 512 give rows that
+    K-quant superblocks fit), max_position 256. "llama3": LlamaForCausalLM
     with LLAMA3_ROPE scaling; "qwen2": q/k/v biases; "qwen3": per-head q/k norms (head_dim 24 unless given,
-    so the head size differs from hidden / heads). Every parameter is redrawn (the 1-D ones -- norms, biases
+    so the head size differs from hidden / heads); "gemma3": head_dim 32 (heads * head_dim != hidden), 6 blocks
+    unless n_layers is given, sliding window GEMMA3_WINDOW, layer_types (default: every 6th global, as llama.cpp
+    assumes), global RoPE base 1e6 and sliding 1e4. Every parameter is redrawn (the 1-D ones -- norms, biases
     -- too, so a norm or bias that is dropped or misplaced shows in the logits).
     """
     import torch
     import transformers
 
     cfg_name, model_name = TINY_ARCHITECTURES[arch]
-    out = Path(tmp_path) / f"tiny-{arch}-{'tied' if tied else 'untied'}-s{seed}"
+    out = Path(tmp_path) / (name or f"tiny-{arch}-{'tied' if tied else 'untied'}-s{seed}")
     out.mkdir(parents=True, exist_ok=True)
     n_vocab = _tokenizer_files(out, vocab, "smollm", False)
     kwargs: dict[str, Any] = {}
@@ -292,24 +327,52 @@ def make_tiny_model(tmp_path: Path, arch: str, seed: int = 0, tied: bool = False
         kwargs["head_dim"] = head_dim
     if arch == "llama3":
         kwargs["rope_parameters"] = dict(LLAMA3_ROPE)
+    elif arch == "gemma3":
+        n_layers = n_layers if n_layers != 2 else 6
+        kwargs.update(head_dim=head_dim or 32, sliding_window=GEMMA3_WINDOW, query_pre_attn_scalar=head_dim or 32,
+                      layer_types=layer_types or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                                  for i in range(n_layers)],
+                      rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                       "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+                      hidden_activation="gelu_pytorch_tanh")
     else:
         kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6 if arch == "qwen3" else 1e5}
     config = getattr(transformers, cfg_name)(
-        vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+        vocab_size=n_vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=n_layers,
         num_attention_heads=4, num_key_value_heads=n_kv_heads, max_position_embeddings=256, rms_norm_eps=1e-6,
         tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2, **kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("bias"):
-                p.copy_(0.5 * torch.randn_like(p))
-            elif p.ndim == 1:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) * (1.0 / p.shape[-1] ** 0.5) * (4.0 if "embed" in pname else 1.0))
+    _redraw(model, arch)
     model.save_pretrained(out)
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    return out
+
+
+def make_tiny_gemma3_multimodal(tmp_path: Path, seed: int = 0) -> Path:
+    """A seeded tiny Gemma3ForConditionalGeneration (a one-layer SigLIP vision tower and projector around
+    make_tiny_model's gemma3 text shape), f32 safetensors; returns its path."""
+    import torch
+    import transformers
+
+    out = Path(tmp_path) / f"tiny-gemma3-multimodal-s{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    n_vocab = _tokenizer_files(out, 400, "smollm", False)
+    text = transformers.Gemma3TextConfig(
+        vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=256, rms_norm_eps=1e-6,
+        sliding_window=GEMMA3_WINDOW, query_pre_attn_scalar=32, hidden_activation="gelu_pytorch_tanh",
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=n_vocab - 1, boi_token_index=n_vocab - 2,
+                                       eoi_token_index=n_vocab - 3)
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    _redraw(model, "gemma3")
+    model.save_pretrained(out)
     return out
 
 

@@ -1,5 +1,6 @@
-"""Hugging Face checkpoints of llama-shaped models (Llama 1-3, Mistral, Qwen2, Qwen3): config.json parsing, weight
-files, llama.cpp's tensor names and metadata keys, q/k permutation, Llama 3's RoPE factors."""
+"""Hugging Face checkpoints of llama-shaped models (Llama 1-3, Mistral, Qwen2, Qwen3, Gemma 3): config.json parsing,
+weight files, llama.cpp's tensor names and metadata keys, q/k permutation, Llama 3's RoPE factors, Gemma's norm
+shift."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from .._core import LowbitError
-from .metadata import KV
+from .metadata import KV, VT
 from .safetensors_np import SafetensorsFile
 
 log = logging.getLogger("lowbit.convert")
@@ -22,13 +23,30 @@ QUANTIZATION_VERSION = 2  # GGML_QUANT_VERSION (reference §1.3)
 
 # HF architecture -> llama.cpp's general.architecture. All are llama-shaped (same tensors, same config keys);
 # qwen2 adds q/k/v biases, qwen3 per-head q/k RMSNorms and an explicit head size, and both keep HF's
-# rotate-half q/k layout (llama.cpp's neox RoPE) where llama's rows are permuted to adjacent pairs.
+# rotate-half q/k layout (llama.cpp's neox RoPE) where llama's rows are permuted to adjacent pairs. gemma3
+# adds norms after attention and feed-forward, RMSNorms computed as x * (1 + w) (written as 1 + w, as
+# llama.cpp's converter does), sliding-window blocks, and GELU; its multimodal checkpoints
+# (Gemma3ForConditionalGeneration) convert to their text part.
 GGUF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
+    "Gemma3ForConditionalGeneration": "gemma3",
 }
+
+# Gemma3TextConfig's defaults (transformers), for the keys a Gemma 3 config.json may leave out (the text_config
+# of the multimodal checkpoints lists only what differs).
+GEMMA3_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "sliding_window": 4096,
+    "sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "final_logit_softcapping": None,
+    "tie_word_embeddings": True,
+}
+GEMMA3_SWA_PATTERN = 6        # llama.cpp's default for gemma3 files without attention.sliding_window_pattern
+GEMMA3_SWA_ROPE_BASE = 10000.0  # ... and without rope.freq_base_swa
 SUPPORTED_ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
 
 
@@ -57,6 +75,13 @@ class LlamaParams:
     rope_low_freq_factor: float = 1.0  # Llama 3 scaling (rope_type "llama3")
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
+    # Gemma 3
+    norm_shift: float = 0.0            # added to every norm weight (HF's x * (1 + w) stored as 1 + w)
+    sliding_window: int = 0            # positions a sliding block attends to; 0: every block is global
+    sliding_layers: Optional[list[bool]] = None  # per block, True = sliding
+    rope_theta_swa: Optional[float] = None       # RoPE base of the sliding blocks
+    query_pre_attn_scalar: Optional[float] = None  # queries scaled by its ^-0.5 (None: head_dim)
+    final_logit_softcapping: Optional[float] = None
 
     @property
     def interleaved_rope(self) -> bool:
@@ -74,6 +99,9 @@ class LlamaParams:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise LowbitError(f"{path}: architecture {arch!r} (model_type {cfg.get('model_type')!r}) is not "
                               f"supported; lowbit converts {', '.join(SUPPORTED_ARCHITECTURES)}")
+        gemma3: dict[str, Any] = {}
+        if GGUF_ARCHITECTURES[arch] == "gemma3":
+            cfg, gemma3 = _gemma3_config(cfg, arch, path)
 
         def need(key: str):
             if key not in cfg:
@@ -96,6 +124,8 @@ class LlamaParams:
         # rope_scaling at the top level.
         rope = dict(cfg.get("rope_scaling") or {})
         rope.update(cfg.get("rope_parameters") or {})
+        if isinstance(rope.get("full_attention"), dict):  # per layer kind (Gemma 3); scaling is the global blocks'
+            rope = dict(rope["full_attention"])
         theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
         rtype = rope.get("rope_type", rope.get("type"))
         factor = rope.get("factor")
@@ -120,7 +150,7 @@ class LlamaParams:
             rms_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling_type=rtype,
             rope_scaling_factor=factor, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"), name=hf_dir.resolve().name,
-            explicit_head_dim=cfg.get("head_dim") is not None, **llama3)
+            explicit_head_dim=cfg.get("head_dim") is not None, **llama3, **gemma3)
 
     def rope_freq_factors(self) -> np.ndarray:
         """rope_freqs.weight of Llama 3 scaling: per RoPE pair j, the divisor of its frequency (1 for high
@@ -141,6 +171,44 @@ class LlamaParams:
                           / (self.rope_high_freq_factor - self.rope_low_freq_factor))
                 out.append(1.0 / ((1.0 - smooth) / self.rope_scaling_factor + smooth))
         return np.asarray(out, dtype=np.float32)
+
+
+def _gemma3_config(cfg: dict, arch: str, path: Path) -> tuple[dict, dict[str, Any]]:
+    """A Gemma 3 config.json (or its text_config) with Gemma3TextConfig's defaults filled in, and the
+    LlamaParams fields only Gemma has."""
+    text = cfg.get("text_config") if arch == "Gemma3ForConditionalGeneration" else cfg
+    if not isinstance(text, dict):
+        raise LowbitError(f"{path}: {arch} without a text_config")
+    full = dict(GEMMA3_DEFAULTS)
+    full.update({k: v for k, v in text.items() if v is not None or k == "final_logit_softcapping"})
+    if "tie_word_embeddings" in cfg and "tie_word_embeddings" not in text:
+        full["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+    if full.get("attn_logit_softcapping") is not None:
+        raise LowbitError(f"{path}: attn_logit_softcapping is set, which Gemma 3 does not use (Gemma 2?); "
+                          f"not supported")
+    n_layer = int(full["num_hidden_layers"])
+    layer_types = full.get("layer_types")
+    if layer_types:
+        if len(layer_types) != n_layer or not set(layer_types) <= {"sliding_attention", "full_attention"}:
+            raise LowbitError(f"{path}: layer_types must name sliding_attention or full_attention for each of the "
+                              f"{n_layer} layers")
+        sliding = [t == "sliding_attention" for t in layer_types]
+    else:
+        pattern = int(full.get("sliding_window_pattern") or GEMMA3_SWA_PATTERN)
+        sliding = [(i + 1) % pattern != 0 for i in range(n_layer)]
+    window = int(full.get("sliding_window") or 0)
+    if window <= 0 or not any(sliding):
+        window, sliding = 0, [False] * n_layer
+    rope = full.get("rope_parameters") or {}
+    swa_theta = (rope.get("sliding_attention") or {}).get("rope_theta") if isinstance(rope, dict) else None
+    if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):
+        full["rope_theta"] = rope["full_attention"].get("rope_theta", full["rope_theta"])
+    extra = dict(norm_shift=1.0, sliding_window=window, sliding_layers=sliding,
+                 rope_theta_swa=float(swa_theta if swa_theta is not None else full["rope_local_base_freq"]),
+                 query_pre_attn_scalar=float(full["query_pre_attn_scalar"]),
+                 final_logit_softcapping=(float(full["final_logit_softcapping"])
+                                          if full.get("final_logit_softcapping") else None))
+    return full, extra
 
 
 def model_metadata(p: LlamaParams, file_type: int) -> list[KV]:
@@ -164,10 +232,35 @@ def model_metadata(p: LlamaParams, file_type: int) -> list[KV]:
     # it differs from n_embd / n_head (the value llama.cpp's loader defaults to), as it always has.
     if p.head_dim != p.n_embd // p.n_head or (p.explicit_head_dim and a != "llama"):
         kvs += [KV.u32(f"{a}.attention.key_length", p.head_dim), KV.u32(f"{a}.attention.value_length", p.head_dim)]
+    if a == "gemma3":
+        kvs += _gemma3_metadata(p)
     kvs.append(KV.u32("general.file_type", file_type))
     if a == "llama":  # conversion/llama.py: vocabulary size and RoPE dimensions, after the common keys
         kvs += [KV.u32("llama.vocab_size", p.n_vocab), KV.u32("llama.rope.dimension_count", p.head_dim)]
     kvs.append(KV.u32("general.quantization_version", QUANTIZATION_VERSION))
+    return kvs
+
+
+def _gemma3_metadata(p: LlamaParams) -> list[KV]:
+    """gemma3.* keys beyond the common ones: the window, and what llama.cpp would otherwise assume (a global
+    block every 6, sliding blocks' RoPE base 10000, queries scaled by head_dim^-0.5 or, at 62 blocks,
+    (n_embd / n_head)^-0.5) only where this checkpoint differs."""
+    kvs = []
+    if p.sliding_window > 0:
+        kvs.append(KV.u32("gemma3.attention.sliding_window", p.sliding_window))
+        default = [(i % GEMMA3_SWA_PATTERN) < GEMMA3_SWA_PATTERN - 1 for i in range(p.n_layer)]
+        if p.sliding_layers != default:
+            kvs.append(KV.arr("gemma3.attention.sliding_window_pattern", p.sliding_layers, VT.BOOL))
+        if p.rope_theta_swa is not None and p.rope_theta_swa != GEMMA3_SWA_ROPE_BASE:
+            kvs.append(KV.f32("gemma3.rope.freq_base_swa", p.rope_theta_swa))
+    if p.final_logit_softcapping:
+        kvs.append(KV.f32("gemma3.final_logit_softcapping", p.final_logit_softcapping))
+    scalar = p.query_pre_attn_scalar or p.head_dim
+    assumed = p.n_embd // p.n_head if p.n_layer == 62 else p.head_dim
+    if scalar != assumed:
+        log.warning("query_pre_attn_scalar %s differs from what llama.cpp assumes for this shape (%s); lowbit reads "
+                    "gemma3.attention.scale, llama.cpp ignores it", scalar, assumed)
+        kvs.append(KV.f32("gemma3.attention.scale", scalar ** -0.5))
     return kvs
 
 
@@ -182,7 +275,8 @@ def tensor_shape(p: LlamaParams, name: str) -> Optional[tuple[int, ...]]:
                 "attn_q_norm.weight": (p.head_dim,), "attn_k_norm.weight": (p.head_dim,),
                 "attn_output.weight": (p.n_embd, q_rows), "ffn_norm.weight": (p.n_embd,),
                 "ffn_gate.weight": (p.n_ff, p.n_embd), "ffn_up.weight": (p.n_ff, p.n_embd),
-                "ffn_down.weight": (p.n_embd, p.n_ff)}.get(key)
+                "ffn_down.weight": (p.n_embd, p.n_ff), "post_attention_norm.weight": (p.n_embd,),
+                "post_ffw_norm.weight": (p.n_embd,)}.get(key)
     return {"token_embd.weight": (p.n_vocab, p.n_embd), "output.weight": (p.n_vocab, p.n_embd),
             "output_norm.weight": (p.n_embd,), "rope_freqs.weight": (p.head_dim // 2,)}.get(name)
 
@@ -273,6 +367,16 @@ _LAYER_MAP = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+# Gemma 3 names its four norms by place: before and after attention, before and after the feed-forward.
+_GEMMA3_LAYER_MAP = {
+    **_LAYER_MAP,
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+# llama.cpp's order of a block's tensors.
+_BLOCK_ORDER = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_q_norm", "attn_k_norm", "attn_output",
+                "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm"]
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _GLOBAL_MAP = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -281,17 +385,28 @@ _GLOBAL_MAP = {
 }
 # Present in some checkpoints, recomputed at run time: skipped.
 _SKIP_RE = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
+# The text model inside a multimodal checkpoint (Gemma3ForConditionalGeneration, transformers >= 4.52 and older
+# layouts) and the parts of it that are not text: the vision tower and its projector are skipped.
+_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                  ("language_model.lm_head.", "lm_head."))
+_NOT_TEXT_RE = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.")
 
 
-def gguf_name(hf_name: str) -> Optional[str]:
-    """llama.cpp's name for an HF tensor (spec "Standardized tensor names"), None to skip it."""
-    if _SKIP_RE.search(hf_name):
+def gguf_name(hf_name: str, arch: str = "llama") -> Optional[str]:
+    """llama.cpp's name for an HF tensor of a general.architecture (spec "Standardized tensor names"), None
+    to skip it."""
+    if _SKIP_RE.search(hf_name) or _NOT_TEXT_RE.match(hf_name):
         return None
+    for prefix, plain in _TEXT_PREFIXES:
+        if hf_name.startswith(prefix):
+            hf_name = plain + hf_name[len(prefix):]
+            break
     if hf_name in _GLOBAL_MAP:
         return _GLOBAL_MAP[hf_name]
+    layer_map = _GEMMA3_LAYER_MAP if arch == "gemma3" else _LAYER_MAP
     m = _LAYER_RE.match(hf_name)
-    if m and m.group(2) in _LAYER_MAP:
-        return f"blk.{m.group(1)}.{_LAYER_MAP[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in layer_map:
+        return f"blk.{m.group(1)}.{layer_map[m.group(2)]}.{m.group(3)}"
     raise LowbitError(f"tensor {hf_name!r} has no GGUF name; this checkpoint has parts a llama-shaped model "
                       f"does not (adapters? a different architecture?)")
 
@@ -314,12 +429,14 @@ def iter_tensors(ckpt: Checkpoint, params: LlamaParams) -> Iterator[TensorSource
     if params.rope_scaling_type == "llama3":
         items["rope_freqs.weight"] = ((params.head_dim // 2,), params.rope_freq_factors)
     for hf in ckpt.names():
-        name = gguf_name(hf)
+        name = gguf_name(hf, params.gguf_arch)
         if name is None:
             continue
         if name == "output.weight" and params.tie_word_embeddings:
             continue
         load = (lambda hf=hf: ckpt.load(hf))
+        if params.norm_shift and name.endswith("norm.weight"):
+            load = (lambda hf=hf: ckpt.load(hf) + np.float32(params.norm_shift))
         if params.interleaved_rope and name.endswith(("attn_q.weight", "attn_q.bias")):
             load = (lambda hf=hf: permute_qk(ckpt.load(hf), params.n_head))
         elif params.interleaved_rope and name.endswith(("attn_k.weight", "attn_k.bias")):
@@ -335,7 +452,7 @@ def iter_tensors(ckpt: Checkpoint, params: LlamaParams) -> Iterator[TensorSource
             return (0, 0, 0, "")
         m = re.match(r"blk\.(\d+)\.(.+)\.(weight|bias)$", name)
         if m:
-            return (1, int(m.group(1)), list(_LAYER_MAP.values()).index(m.group(2)), m.group(3) != "weight")
+            return (1, int(m.group(1)), _BLOCK_ORDER.index(m.group(2)), m.group(3) != "weight")
         return (2, 0 if name.startswith("output_norm") else 1, 0, name)
 
     for name in sorted(items, key=order):
