@@ -288,6 +288,9 @@ def test_layer_ops(isa, n):
     gate = rng.standard_normal(n).astype(np.float32) * 6
     ref = gate.astype(np.float64) / (1 + np.exp(-gate.astype(np.float64))) * x64
     np.testing.assert_allclose(_core.silu_mul(gate, x), ref, rtol=1e-5, atol=1e-6)
+    gate64 = gate.astype(np.float64)  # GELU's tanh approximation (torch's gelu(approximate="tanh"))
+    ref = 0.5 * gate64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate64 + 0.044715 * gate64**3))) * x64
+    np.testing.assert_allclose(_core.gelu_mul(gate, x), ref, rtol=1e-5, atol=1e-6)
 
     dot = _core.dot_f32(x, g)
     assert abs(dot - float(x64 @ g64)) <= 1e-5 * float(np.abs(x64) @ np.abs(g64)) + 1e-30

@@ -66,6 +66,9 @@ struct Kernels {
     // (inputs below -87 give about 1e-38 instead of a smaller number).
     float (*exp_sub_sum)(float* s, int64_t n, float sub) = nullptr;
     void (*axpy_f16)(float* y, float a, const uint16_t* x, int64_t n) = nullptr;  // y += a * fp16 x
+    // gelu(gate) * up with GELU's tanh approximation (Gemma), written as gate / (1 + exp(-2u)),
+    // u = sqrt(2/pi) (gate + 0.044715 gate^3). Null in an ISA's table: the generic one serves.
+    void (*gelu_mul)(float* out, const float* gate, const float* up, int64_t n) = nullptr;
     // Per tensor type, indexed by qtype_index (registry order, lowbit/qtypes.def).
     TypeOps ops[kNumQTypes] = {};
 

@@ -134,6 +134,14 @@ void silu_mul_generic(float* out, const float* gate, const float* up, int64_t n)
     for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
+void gelu_mul_generic(float* out, const float* gate, const float* up, int64_t n) {
+    constexpr float kSqrt2OverPi = 0.7978845608028654f;
+    for (int64_t i = 0; i < n; ++i) {
+        const float g = gate[i];
+        out[i] = 0.5f * g * (1.0f + std::tanh(kSqrt2OverPi * (g + 0.044715f * g * g * g))) * up[i];
+    }
+}
+
 float dot_f32_f32_generic(const float* a, const float* b, int64_t n) {
     float acc = 0.0f;
     for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
@@ -147,6 +155,7 @@ void axpy_f32_generic(float* y, float a, const float* x, int64_t n) {
 constexpr Kernels make_generic_table() {
     Kernels t{Isa::Generic, "generic", quantize_act_generic, rmsnorm_generic, silu_mul_generic, dot_f32_f32_generic,
               axpy_f32_generic};
+    t.gelu_mul = gelu_mul_generic;
     t.at(QType::Q4_0).dot = dot_quant_generic<GenQ4_0>;
     t.at(QType::Q4_1).dot = dot_quant_generic<GenQ4_1>;
     t.at(QType::Q8_0).dot = dot_quant_generic<GenQ8_0>;
