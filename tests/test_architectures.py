@@ -366,6 +366,30 @@ def test_gemma3_multimodal_checkpoint_converts_its_text_model():
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
+# YaRN (Qwen2.5/Qwen3's long-context setting) with an original context of 256: for head size 16 and base 1e4
+# the correction range is pairs 0..4, so pairs keep their frequency, blend, and are divided by the factor.
+YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 256}
+
+
+def test_yarn_rope_scaling_matches_transformers_and_llamacpp():
+    from gguf import GGUFReader
+    from tiny_models import load_hf_model, make_tiny_model
+
+    hf_dir = make_tiny_model(_ROOT / "hf-arch", "qwen2", tied=True, rope_parameters=YARN, name="tiny-qwen2-yarn")
+    out = _ROOT / "arch-qwen2-yarn-f32.gguf"
+    lowbit.convert(hf_dir, out, outtype="f32", progress=False, force=True)
+    fields = GGUFReader(str(out)).fields
+    assert bytes(fields["qwen2.rope.scaling.type"].parts[-1]).decode() == "yarn"
+    assert int(fields["qwen2.rope.scaling.original_context_length"].parts[-1][0]) == 256
+    ids = random_ids(SEQ_LEN, 400, seed=1)
+    ref = hf_logits("qwen2", ids, model=load_hf_model(hf_dir))
+    with lowbit.load(out, n_threads=N_THREADS) as m:
+        ours = m.logits(ids)
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+    lp, lq = log_softmax(ref), log_softmax(llamacpp_logits(out, ids))
+    assert float((np.exp(lp) * (lp - lq)).sum(-1).mean()) <= 1e-4
+
+
 def test_unsupported_architecture_names_it_and_the_supported_ones(tmp_path):
     from model_helpers import write_synthetic_gguf
 

@@ -302,7 +302,7 @@ def _redraw(model, arch: str) -> None:
 def make_tiny_model(tmp_path: Path, arch: str, seed: int = 0, tied: bool = False, n_kv_heads: int = 2,
                     head_dim: Optional[int] = None, n_layers: int = 2, vocab: int = 400,
                     layer_types: Optional[list[str]] = None, name: Optional[str] = None, hidden: int = 64,
-                    intermediate: int = 128) -> Path:
+                    intermediate: int = 128, rope_parameters: Optional[dict[str, Any]] = None) -> Path:
     """A seeded tiny checkpoint of another architecture (TINY_ARCHITECTURES), f32 safetensors; returns its path.
 
     hidden 64, 4 heads (n_kv_heads for K/V), intermediate 128 (hidden 256 / intermediate 512 give rows that
@@ -337,6 +337,8 @@ def make_tiny_model(tmp_path: Path, arch: str, seed: int = 0, tied: bool = False
                       hidden_activation="gelu_pytorch_tanh")
     else:
         kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6 if arch == "qwen3" else 1e5}
+    if rope_parameters is not None:
+        kwargs["rope_parameters"] = dict(rope_parameters)
     config = getattr(transformers, cfg_name)(
         vocab_size=n_vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=n_layers,
         num_attention_heads=4, num_key_value_heads=n_kv_heads, max_position_embeddings=256, rms_norm_eps=1e-6,

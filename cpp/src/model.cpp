@@ -134,12 +134,13 @@ void Model::rope_tables(int n, int pos0) {
     for (int table = 0; table < 2; ++table) {
         const std::vector<float>& inv_freq = rope_inv_freq_[table];
         if (inv_freq.empty()) continue;
+        const double mscale = rope_mscale_[table];
         for (int i = 0; i < n; ++i) {
             float* cs = rope_cs_[table].data() + static_cast<int64_t>(i) * n_rot;
             for (int j = 0; j < n_rot / 2; ++j) {
                 const double theta = static_cast<double>(pos0 + i) * inv_freq[j];
-                cs[2 * j] = static_cast<float>(std::cos(theta));
-                cs[2 * j + 1] = static_cast<float>(std::sin(theta));
+                cs[2 * j] = static_cast<float>(std::cos(theta) * mscale);
+                cs[2 * j + 1] = static_cast<float>(std::sin(theta) * mscale);
             }
         }
     }
@@ -356,15 +357,8 @@ void Model::matmul_add(const WeightView& w, const float* in, const float* post_n
 
 // gate = act(gate) * up over count elements, act from the row (SiLU, or GELU with the tanh approximation).
 void Model::gated_activation(float* gate, const float* up, int64_t count) {
-    if (config_.arch.act == Activation::kSilu) {
-        cpu::kernels().silu_mul(gate, gate, up, count);
-        return;
-    }
-    constexpr float kSqrt2OverPi = 0.7978845608028654f;
-    for (int64_t e = 0; e < count; ++e) {
-        const float g = gate[e];
-        gate[e] = 0.5f * g * (1.0f + std::tanh(kSqrt2OverPi * (g + 0.044715f * g * g * g))) * up[e];
-    }
+    const cpu::Kernels& kr = cpu::kernels();
+    (config_.arch.act == Activation::kSilu ? kr.silu_mul : kr.gelu_mul)(gate, gate, up, count);
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -549,9 +543,21 @@ void Model::read_config(const std::string& path) {
         double factor = r.get_float(a + "rope.scaling.factor", 1.0);
         if (!(factor > 0.0)) throw Error("rope.scaling.factor must be > 0 (got " + std::to_string(factor) + ")");
         c.rope_freq_scale = static_cast<float>(1.0 / factor);
+    } else if (scaling == "yarn") {
+        double factor = r.get_float(a + "rope.scaling.factor", 1.0);
+        if (!(factor >= 1.0)) throw Error("rope.scaling.factor must be >= 1 for YaRN (got " + std::to_string(factor) + ")");
+        c.rope_freq_scale = static_cast<float>(1.0 / factor);
+        c.rope_yarn = true;
+        c.rope_yarn_orig_ctx = r.has(a + "rope.scaling.original_context_length")
+            ? require_int(a + "rope.scaling.original_context_length") : c.n_ctx_train;
+        c.rope_yarn_beta_fast = static_cast<float>(r.get_float(a + "rope.scaling.yarn_beta_fast", 32.0));
+        c.rope_yarn_beta_slow = static_cast<float>(r.get_float(a + "rope.scaling.yarn_beta_slow", 1.0));
+        c.rope_mscale = static_cast<float>(1.0 + 0.1 * std::log(factor));
     } else if (scaling != "none" && !scaling.empty()) {
-        throw Error("rope.scaling.type '" + scaling + "' is not supported (lowbit supports 'none' and 'linear')");
+        throw Error("rope.scaling.type '" + scaling + "' is not supported (lowbit supports 'none', 'linear' and "
+                    "'yarn'; Llama 3's scaling comes as rope_freqs.weight)");
     }
+    c.rope_mscale *= static_cast<float>(r.get_float(a + "rope.scaling.attn_factor", 1.0));
     if (!(c.rope_freq_base > 0.0f)) throw Error("rope.freq_base must be > 0");
     if (!(c.rms_eps >= 0.0f)) throw Error("attention.layer_norm_rms_epsilon must be >= 0");
     if (c.arch.logit_softcap) c.logit_softcap = static_cast<float>(r.get_float(a + "final_logit_softcapping", 0.0));
@@ -654,28 +660,43 @@ void Model::load_tensors() {
     }
 
     // RoPE frequencies: pair j turns by pos * freq_scale * base^(-2j / n_rot) / factor[j];
-    // rope_freqs.weight (optional, Llama 3's scaling) holds factor[j]. Sliding blocks use their own base and
-    // no scaling.
+    // rope_freqs.weight (optional, Llama 3's scaling) holds factor[j]. With YaRN, pair j's frequency blends
+    // the unscaled (extrapolated) and the scaled (interpolated) one by a ramp over the pairs between the
+    // correction dims of beta_fast and beta_slow rotations in the original context (ggml's rope_yarn, HF's
+    // _compute_yarn_parameters). Sliding blocks use their own base and no scaling.
     const float* freq_factors = nullptr;
     if (const GGUFTensorInfo* rf = r.find_tensor("rope_freqs.weight")) {
         freq_factors = s.vector(*rf, c.n_rot / 2);
         has_rope_freq_factors_ = true;
     }
-    auto inv_freq = [&](double base, double scale, const float* factors) {
+    auto inv_freq = [&](double base, double scale, const float* factors, bool yarn) {
+        // The pair index whose wavelength fits `rotations` times into the original context.
+        auto corr_dim = [&](double rotations) {
+            constexpr double kPi = 3.14159265358979323846;
+            return c.n_rot * std::log(c.rope_yarn_orig_ctx / (rotations * 2.0 * kPi)) / (2.0 * std::log(base));
+        };
+        const double low = yarn ? std::max(0.0, std::floor(corr_dim(c.rope_yarn_beta_fast))) : 0.0;
+        const double high = yarn ? std::min(c.n_rot - 1.0, std::ceil(corr_dim(c.rope_yarn_beta_slow))) : 0.0;
         std::vector<float> f(c.n_rot / 2);
         for (int j = 0; j < c.n_rot / 2; ++j) {
-            double x = scale * std::pow(base, -2.0 * j / c.n_rot);
+            const double extrap = std::pow(base, -2.0 * j / c.n_rot);
+            double x = scale * extrap;
+            if (yarn) {
+                const double keep = 1.0 - std::min(1.0, std::max(0.0, (j - low) / std::max(0.001, high - low)));
+                x = x * (1.0 - keep) + extrap * keep;
+            }
             if (factors) x /= factors[j];
             f[j] = static_cast<float>(x);
         }
         return f;
     };
-    rope_inv_freq_[0] = inv_freq(c.rope_freq_base, c.rope_freq_scale, freq_factors);
+    rope_inv_freq_[0] = inv_freq(c.rope_freq_base, c.rope_freq_scale, freq_factors, c.rope_yarn);
+    rope_mscale_[0] = c.rope_mscale;
     if (c.sliding_window > 0) {
         const double base_swa = r.get_float(c.architecture + ".rope.freq_base_swa",
                                             arch.rope_base_swa > 0.0f ? arch.rope_base_swa : c.rope_freq_base);
         if (!(base_swa > 0.0)) throw Error("rope.freq_base_swa must be > 0");
-        rope_inv_freq_[1] = inv_freq(base_swa, 1.0, nullptr);
+        rope_inv_freq_[1] = inv_freq(base_swa, 1.0, nullptr, false);
     }
 }
 

@@ -73,7 +73,16 @@ struct ModelConfig {
     int head_dim = 0;            // {arch}.attention.key_length (default n_embd / n_head)
     int n_rot = 0;               // {arch}.rope.dimension_count (default head_dim)
     float rope_freq_base = 10000.0f;
-    float rope_freq_scale = 1.0f;  // 1 / {arch}.rope.scaling.factor for "linear" scaling
+    float rope_freq_scale = 1.0f;  // 1 / {arch}.rope.scaling.factor for "linear" and "yarn" scaling
+    // YaRN ({arch}.rope.scaling.type "yarn"): pairs below rope.scaling.original_context_length's correction
+    // range keep their frequency (extrapolate), those above are scaled (interpolate), a ramp between; cos and
+    // sin are scaled by rope_mscale. As llama.cpp: ext_factor 1, beta_fast 32, beta_slow 1 unless the file's
+    // rope.scaling.yarn_* keys say otherwise.
+    bool rope_yarn = false;
+    int rope_yarn_orig_ctx = 0;
+    float rope_yarn_beta_fast = 32.0f;
+    float rope_yarn_beta_slow = 1.0f;
+    float rope_mscale = 1.0f;      // magnitude of the global blocks' cos/sin: attn_factor (1 + 0.1 ln factor)
     float rms_eps = 1e-5f;       // {arch}.attention.layer_norm_rms_epsilon
     float logit_softcap = 0.0f;  // {arch}.final_logit_softcapping where the row has it; 0: none
     float attn_scale = 0.0f;     // queries' scale before q.k (ArchSpec::query_scale_embd_blocks)
@@ -233,6 +242,7 @@ private:
     WeightView output;                       // (n_vocab, n_embd); == token_embd when tied
     std::vector<Layer> layers_;
     std::vector<float> rope_inv_freq_[2];    // (n_rot / 2) per-pair angular frequency, per rope table
+    float rope_mscale_[2] = {1.0f, 1.0f};    // cos/sin magnitude per rope table (YaRN)
     bool has_rope_freq_factors_ = false;     // rope_freqs.weight present
 
     // ---- the blocks on the GPU and the head when head_on_gpu_ (cpp/src/weights.cpp) ----

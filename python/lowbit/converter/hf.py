@@ -66,7 +66,7 @@ class LlamaParams:
     n_ctx: int
     rms_eps: float
     rope_theta: float
-    rope_scaling_type: Optional[str]   # None, "linear" or "llama3"
+    rope_scaling_type: Optional[str]   # None, "linear", "yarn" or "llama3"
     rope_scaling_factor: Optional[float]
     tie_word_embeddings: bool
     torch_dtype: Optional[str]
@@ -75,6 +75,8 @@ class LlamaParams:
     rope_low_freq_factor: float = 1.0  # Llama 3 scaling (rope_type "llama3")
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
+    rope_yarn_beta_fast: Optional[float] = None  # YaRN (rope_type "yarn"), where config.json sets them
+    rope_yarn_beta_slow: Optional[float] = None
     # Gemma 3
     norm_shift: float = 0.0            # added to every norm weight (HF's x * (1 + w) stored as 1 + w)
     sliding_window: int = 0            # positions a sliding block attends to; 0: every block is global
@@ -129,7 +131,7 @@ class LlamaParams:
         theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
         rtype = rope.get("rope_type", rope.get("type"))
         factor = rope.get("factor")
-        llama3: dict[str, Any] = {}
+        scaling_extra: dict[str, Any] = {}
         if rtype in (None, "default"):
             rtype, factor = None, None
         elif rtype == "linear":
@@ -137,12 +139,25 @@ class LlamaParams:
         elif rtype == "llama3":
             # Defaults as llama.cpp's converter (conversion/llama.py generate_extra_tensors) takes them.
             factor = float(factor if factor is not None else 8.0)
-            llama3 = dict(rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-                          rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-                          rope_original_context=int(rope.get("original_max_position_embeddings", 8192)))
+            scaling_extra = dict(rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                                 rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                                 rope_original_context=int(rope.get("original_max_position_embeddings", 8192)))
+        elif rtype == "yarn":
+            # As llama.cpp's converter: the factor, the original context (HF's default: max_position_embeddings),
+            # beta_fast/beta_slow only where the config has them. The attention factor is derived from the factor
+            # (0.1 ln factor + 1) by both runtimes; an explicit one, or DeepSeek's mscale, is not carried.
+            if rope.get("attention_factor") is not None or rope.get("mscale_all_dim"):
+                raise LowbitError(f"{path}: YaRN with an explicit attention_factor or mscale_all_dim is not "
+                                  f"supported")
+            orig = rope.get("original_max_position_embeddings")
+            if factor is None and orig:
+                factor = float(cfg.get("max_position_embeddings") or orig) / float(orig)
+            factor = float(factor if factor is not None else 1.0)
+            scaling_extra = dict(rope_original_context=int(orig or cfg.get("max_position_embeddings") or 2048),
+                                 rope_yarn_beta_fast=rope.get("beta_fast"), rope_yarn_beta_slow=rope.get("beta_slow"))
         else:
-            raise LowbitError(f"{path}: RoPE scaling type {rtype!r} is not supported (only 'default', 'linear' "
-                              f"and 'llama3')")
+            raise LowbitError(f"{path}: RoPE scaling type {rtype!r} is not supported (only 'default', 'linear', "
+                              f"'yarn' and 'llama3')")
         return cls(
             architecture=arch, gguf_arch=GGUF_ARCHITECTURES[arch], n_vocab=int(need("vocab_size")), n_embd=n_embd,
             n_layer=int(need("num_hidden_layers")), n_ff=int(need("intermediate_size")), n_head=n_head,
@@ -150,7 +165,7 @@ class LlamaParams:
             rms_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling_type=rtype,
             rope_scaling_factor=factor, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"), name=hf_dir.resolve().name,
-            explicit_head_dim=cfg.get("head_dim") is not None, **llama3, **gemma3)
+            explicit_head_dim=cfg.get("head_dim") is not None, **scaling_extra, **gemma3)
 
     def rope_freq_factors(self) -> np.ndarray:
         """rope_freqs.weight of Llama 3 scaling: per RoPE pair j, the divisor of its frequency (1 for high
@@ -227,6 +242,13 @@ def model_metadata(p: LlamaParams, file_type: int) -> list[KV]:
     ]
     if p.rope_scaling_type == "linear":
         kvs += [KV.str(f"{a}.rope.scaling.type", "linear"), KV.f32(f"{a}.rope.scaling.factor", p.rope_scaling_factor)]
+    elif p.rope_scaling_type == "yarn":
+        kvs += [KV.str(f"{a}.rope.scaling.type", "yarn"), KV.f32(f"{a}.rope.scaling.factor", p.rope_scaling_factor),
+                KV.u32(f"{a}.rope.scaling.original_context_length", p.rope_original_context)]
+        if p.rope_yarn_beta_fast is not None:
+            kvs.append(KV.f32(f"{a}.rope.scaling.yarn_beta_fast", p.rope_yarn_beta_fast))
+        if p.rope_yarn_beta_slow is not None:
+            kvs.append(KV.f32(f"{a}.rope.scaling.yarn_beta_slow", p.rope_yarn_beta_slow))
     kvs += [KV.f32(f"{a}.rope.freq_base", p.rope_theta), KV.f32(f"{a}.attention.layer_norm_rms_epsilon", p.rms_eps)]
     # llama.cpp writes the head size whenever config.json has head_dim; for llama lowbit writes it only where
     # it differs from n_embd / n_head (the value llama.cpp's loader defaults to), as it always has.
