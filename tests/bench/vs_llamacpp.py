@@ -20,6 +20,15 @@ so llama.cpp gives most of its tensors the fallback types (Q5_0, Q5_1, Q8_0); th
 is printed.
 
     python tests/bench/vs_llamacpp.py --models smollm2-kq,tiny11b-kq --reps 3 --no-bnb
+
+Other architectures, random models of real models' shapes written in F16 by lowbit (SmolLM2's byte-level BPE
+vocabulary padded with unused tokens to the model's vocabulary size) and quantized by llama.cpp:
+`qwen25-05b-kq` (Qwen2.5-0.5B: hidden 896, 24 blocks, 14 heads / 2 KV heads, q/k/v biases, vocabulary 151,936,
+tied head) and `gemma3-1b-kq` (Gemma 3 1B: hidden 1152, 26 blocks, 4 heads of 256 / 1 KV head, q/k norms,
+sandwich norms, GELU, 5 sliding blocks of 512 positions to 1 global, vocabulary 262,144, tied head), each
+in Q4_K_M and Q8_0.
+
+    python tests/bench/vs_llamacpp.py --models qwen25-05b-kq,gemma3-1b-kq --reps 3 --no-bnb
 """
 from __future__ import annotations
 
@@ -277,10 +286,97 @@ def write_tiny11b(cache: Path, out: Path, qt: str) -> None:
         w.finish()
 
 
+# ---- random models of other architectures' shapes ---------------------------------------------------
+
+ARCH_SHAPES = {
+    "qwen25-05b": dict(arch="qwen2", name="random-qwen2.5-0.5b-shape", n_vocab=151936, n_embd=896, n_ff=4864,
+                       n_layer=24, n_head=14, n_head_kv=2, head_dim=64, rope_base=1e6, eps=1e-6, bias=True),
+    "gemma3-1b": dict(arch="gemma3", name="random-gemma-3-1b-shape", n_vocab=262144, n_embd=1152, n_ff=6912,
+                      n_layer=26, n_head=4, n_head_kv=1, head_dim=256, rope_base=1e6, eps=1e-6, qk_norm=True,
+                      sandwich=True, window=512),
+}
+
+
+def write_random_arch(cache: Path, out: Path, shape: str) -> None:
+    """An F16 GGUF of ARCH_SHAPES[shape] with random weights (std 0.02, norms 1), written tensor by tensor."""
+    import lowbit
+    from lowbit.gguf import GGUFValueType as VT
+    from lowbit.hub import fetch_smollm2
+
+    s = ARCH_SHAPES[shape]
+    a, d, ff, hd = s["arch"], s["n_embd"], s["n_ff"], s["head_dim"]
+    q_dim, kv_dim = s["n_head"] * hd, s["n_head_kv"] * hd
+    vocab_src = lowbit.GGUFFile(fetch_smollm2(cache))
+    tokens = list(vocab_src.metadata["tokenizer.ggml.tokens"])
+    types = list(vocab_src.metadata["tokenizer.ggml.token_type"])
+    pad = s["n_vocab"] - len(tokens)
+    tokens += [f"<|unused_{i}|>" for i in range(pad)]
+    types += [5] * pad  # UNUSED
+    F32, F16 = lowbit.QType.F32, lowbit.QType.F16
+    shapes = [("token_embd.weight", (s["n_vocab"], d), F16), ("output_norm.weight", (d,), F32)]
+    for i in range(s["n_layer"]):
+        b = f"blk.{i}."
+        shapes += [(b + "attn_norm.weight", (d,), F32), (b + "attn_q.weight", (q_dim, d), F16),
+                   (b + "attn_k.weight", (kv_dim, d), F16), (b + "attn_v.weight", (kv_dim, d), F16)]
+        if s.get("bias"):
+            shapes += [(b + "attn_q.bias", (q_dim,), F32), (b + "attn_k.bias", (kv_dim,), F32),
+                       (b + "attn_v.bias", (kv_dim,), F32)]
+        if s.get("qk_norm"):
+            shapes += [(b + "attn_q_norm.weight", (hd,), F32), (b + "attn_k_norm.weight", (hd,), F32)]
+        shapes += [(b + "attn_output.weight", (d, q_dim), F16)]
+        if s.get("sandwich"):
+            shapes += [(b + "post_attention_norm.weight", (d,), F32)]
+        shapes += [(b + "ffn_norm.weight", (d,), F32), (b + "ffn_gate.weight", (ff, d), F16),
+                   (b + "ffn_up.weight", (ff, d), F16), (b + "ffn_down.weight", (d, ff), F16)]
+        if s.get("sandwich"):
+            shapes += [(b + "post_ffw_norm.weight", (d,), F32)]
+    rng = np.random.default_rng(0)
+    tmp = out.with_name(out.name + ".part")
+    with lowbit.GGUFWriter(tmp) as w:
+        w.add_metadata("general.architecture", a)
+        w.add_metadata("general.name", s["name"])
+        w.add_metadata("general.file_type", 1, VT.UINT32)
+        w.add_metadata("general.quantization_version", 2, VT.UINT32)
+        for key, v in (("context_length", 32768), ("embedding_length", d), ("block_count", s["n_layer"]),
+                       ("feed_forward_length", ff), ("attention.head_count", s["n_head"]),
+                       ("attention.head_count_kv", s["n_head_kv"]), ("attention.key_length", hd),
+                       ("attention.value_length", hd)):
+            w.add_metadata(f"{a}.{key}", v, VT.UINT32)
+        w.add_metadata(f"{a}.rope.freq_base", float(s["rope_base"]), VT.FLOAT32)
+        w.add_metadata(f"{a}.attention.layer_norm_rms_epsilon", float(s["eps"]), VT.FLOAT32)
+        if s.get("window"):
+            w.add_metadata(f"{a}.attention.sliding_window", s["window"], VT.UINT32)
+        for k in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.merges",
+                  "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
+                  "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token"):
+            w.add_metadata(k, vocab_src.field(k))
+        w.add_metadata("tokenizer.ggml.tokens", tokens, VT.ARRAY, VT.STRING)
+        w.add_metadata("tokenizer.ggml.token_type", types, VT.ARRAY, VT.INT32)
+        for name, shp, t in shapes:
+            w.add_tensor_info(name, shp, t)
+        w.write_header()
+        for name, shp, t in shapes:
+            if t == F32:
+                w.write_tensor_data(np.ones(shp, np.float32).tobytes())
+            else:
+                w.write_tensor_data((rng.standard_normal(shp, dtype=np.float32) * 0.02).astype(np.float16).tobytes())
+        w.finish()
+    tmp.rename(out)
+
+
+def arch_llamacpp_files(shape: str):
+    def make(cache: Path, types: tuple[str, ...] = ("q4_k_m", "q8_0")) -> dict[str, Path]:
+        f16 = cache / f"bench-{shape}-f16.gguf"
+        if not f16.exists():
+            write_random_arch(cache, f16, shape)
+        return {qt: llamacpp_quantize(f16, cache / f"bench-{shape}-llamacpp-{qt}.gguf", qt) for qt in types}
+    return make
+
+
 # ---- files made by llama.cpp's quantizer ----------------------------------------------------------
 
 # llama.h's llama_ftype ids of the file types measured here.
-LLAMA_FTYPE = {"q4_0": 2, "q2_k": 10, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "iq4_xs": 30}
+LLAMA_FTYPE = {"q4_0": 2, "q8_0": 7, "q2_k": 10, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "iq4_xs": 30}
 KQ_TYPES = ("q4_k_m", "q5_k_m", "q6_k")
 
 QUANTIZE_CHILD = r"""
@@ -368,8 +464,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--n-gen", type=int, default=64)
     ap.add_argument("--models", default="smollm2,tiny11b",
-                    help="comma-separated: smollm2, tiny11b (files lowbit writes), smollm2-kq, tiny11b-kq "
-                         "(K-quant files llama.cpp's quantizer makes)")
+                    help="comma-separated: smollm2, tiny11b (files lowbit writes), smollm2-kq, tiny11b-kq, "
+                         "qwen25-05b-kq, gemma3-1b-kq (files llama.cpp's quantizer makes)")
     ap.add_argument("--only", default=None, help="comma-separated file types to keep (for example q4_k_m)")
     ap.add_argument("--cache", default=None)
     ap.add_argument("--out", default=None, help="write raw results as JSON")
@@ -389,7 +485,9 @@ def main() -> int:
     models = args.models.split(",")
     makers = {"smollm2": ("SmolLM2-135M", smollm2_files), "tiny11b": ("1.1B-shape", tiny11b_files),
               "smollm2-kq": ("SmolLM2-135M", smollm2_llamacpp_files),
-              "tiny11b-kq": ("1.1B-shape", tiny11b_llamacpp_files)}
+              "tiny11b-kq": ("1.1B-shape", tiny11b_llamacpp_files),
+              "qwen25-05b-kq": ("Qwen2.5-0.5B-shape", arch_llamacpp_files("qwen25-05b")),
+              "gemma3-1b-kq": ("Gemma-3-1B-shape", arch_llamacpp_files("gemma3-1b"))}
     unknown = [m for m in models if m not in makers]
     if unknown:
         raise SystemExit(f"unknown --models {unknown}; use {', '.join(makers)}")
