@@ -3,7 +3,9 @@
 The template is the file's `tokenizer.chat_template` (copied from the Hugging Face tokenizer_config.json by the
 converter). It is rendered the way transformers' `apply_chat_template` does: an immutable sandboxed Jinja
 environment with `trim_blocks` and `lstrip_blocks`, the variables `messages`, `add_generation_prompt`,
-`bos_token` and `eos_token`, and the helpers `raise_exception(msg)` and `strftime_now(fmt)`.
+`bos_token` and `eos_token`, and the helpers `raise_exception(msg)` and `strftime_now(fmt)`. Extra variables a
+template reads go in `template_kwargs`, as they go in apply_chat_template's keyword arguments, e.g.
+`{"enable_thinking": False}` for Qwen3 or `{"date_string": "26 Jul 2024"}` for Llama 3.x.
 
 A file without a template gets FALLBACK_TEMPLATE, plain ChatML:
 
@@ -47,9 +49,10 @@ def _strftime_now(fmt: str) -> str:
     return datetime.datetime.now().strftime(fmt)
 
 
-def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, sort_keys: bool = False) -> str:
-    # transformers' tojson filter: no HTML escaping (Jinja's built-in escapes <, >, &, ').
-    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # transformers' tojson filter: no HTML escaping (Jinja's built-in escapes <, >, &, '), same keyword arguments.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 @functools.lru_cache(maxsize=16)
@@ -84,15 +87,22 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
 
 
 def render_chat(messages: Sequence[Mapping[str, Any]], template: str | None, bos_token: str = "",
-                eos_token: str = "", add_generation_prompt: bool = True) -> str:
-    """The prompt text for `messages` under `template` (None or "": FALLBACK_TEMPLATE)."""
+                eos_token: str = "", add_generation_prompt: bool = True,
+                template_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The prompt text for `messages` under `template` (None or "": FALLBACK_TEMPLATE). template_kwargs: extra
+    template variables (they override bos_token/eos_token, as apply_chat_template's keyword arguments do)."""
     import jinja2
 
     msgs = validate_messages(messages)
+    extra = dict(template_kwargs or {})
+    for reserved in ("messages", "add_generation_prompt"):
+        if reserved in extra:
+            raise LowbitError(f"template_kwargs may not set {reserved!r}; pass it as the argument of that name")
+    # transformers always defines tools and documents (None without any); "tools is not none" needs that.
+    variables = {"tools": None, "documents": None, "bos_token": bos_token, "eos_token": eos_token, **extra}
     compiled = _compile(template or FALLBACK_TEMPLATE)
     try:
-        return compiled.render(messages=msgs, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
-                               eos_token=eos_token)
+        return compiled.render(messages=msgs, add_generation_prompt=add_generation_prompt, **variables)
     except TemplateError:
         raise
     except jinja2.TemplateError as e:

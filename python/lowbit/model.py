@@ -293,13 +293,16 @@ class Model:
         with self._exclusive():
             return list(self._tokens(ids, int(max_new_tokens), sampler, int(repeat_last_n), stop_at_eos))
 
-    def chat(self, messages: Sequence[Mapping[str, Any]], **gen_kwargs: Any) -> Union[str, Iterator[str]]:
+    def chat(self, messages: Sequence[Mapping[str, Any]], template_kwargs: Optional[Mapping[str, Any]] = None,
+             **gen_kwargs: Any) -> Union[str, Iterator[str]]:
         """Render messages with the file's chat template (see lowbit.chat) and generate the assistant's reply.
-        Accepts generate()'s keyword arguments (stream=True too)."""
+        template_kwargs: extra template variables, e.g. {"enable_thinking": False} for Qwen3. Accepts generate()'s
+        keyword arguments (stream=True too)."""
         tok = self.tokenizer
         bos = tok.tokens[tok.bos_id] if tok.bos_id is not None else ""
         eos = tok.tokens[tok.eos_id] if tok.eos_id is not None else ""
-        text = render_chat(messages, self._chat_template, bos_token=bos, eos_token=eos)
+        text = render_chat(messages, self._chat_template, bos_token=bos, eos_token=eos,
+                           template_kwargs=template_kwargs)
         # A template that writes BOS itself must not get a second one.
         add_bos = not (bos and text.startswith(bos))
         ids = self.tokenize(text, add_bos=add_bos, special=True)

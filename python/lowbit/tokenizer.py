@@ -25,6 +25,11 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
            "dbrx": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+# Llama 3's tokenizer.json sets the BPE model's ignore_merges: a pre-token found whole in the vocabulary is one token,
+# even where the merges would split it (llama.cpp does the same for these pre values).
+_IGNORE_MERGES = frozenset({"llama-bpe", "llama3", "llama-v3"})
+# Qwen2's tokenizer.json normalizes to NFC before splitting, so "e" + U+0301 tokenizes like "\u00e9".
+_NFC = frozenset({"qwen2"})
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,6 +71,7 @@ class Tokenizer:
     add_eos: bool = False
     chat_template: Optional[str] = None
     eot_ids: frozenset = field(default_factory=frozenset)
+    add_space_prefix: bool = False             # SentencePiece prepending a space (Llama 2, not Gemma); decode drops it
     _pieces: dict = field(default_factory=dict, repr=False)
 
     # ---- construction ------------------------------------------------------------------------------
@@ -90,14 +96,15 @@ class Tokenizer:
             raise LowbitError("the GGUF file has no tokenizer.ggml.tokens; it cannot be tokenized")
         types = list(md.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
         embedded = md.get("tokenizer.huggingface.json")
+        # llama.cpp's default for SentencePiece files without the key is True (Llama 2); Gemma files say False.
+        space_prefix = kind == "llama" and bool(md.get("tokenizer.ggml.add_space_prefix", True))
         if prefer_embedded and embedded:
             hf = HFTokenizer.from_str(embedded)
         elif kind == "gpt2":
             hf = _build_byte_level(tokens, types, list(md.get("tokenizer.ggml.merges") or []),
                                    md.get("tokenizer.ggml.pre", "default"))
         elif kind == "llama":
-            hf = _build_sentencepiece(tokens, types, list(md.get("tokenizer.ggml.scores") or []),
-                                      bool(md.get("tokenizer.ggml.add_space_prefix", True)))
+            hf = _build_sentencepiece(tokens, types, list(md.get("tokenizer.ggml.scores") or []), space_prefix)
         else:
             raise LowbitError(f"tokenizer.ggml.model={kind!r} is not supported (gpt2 byte-level BPE or llama "
                               f"SentencePiece)")
@@ -110,7 +117,8 @@ class Tokenizer:
         return cls(hf=hf, kind=kind, tokens=tokens, token_types=types, bos_id=bos, eos_id=eos,
                    add_bos=bool(add_bos) if add_bos is not None else kind == "llama",
                    add_eos=bool(md.get("tokenizer.ggml.add_eos_token", False)),
-                   chat_template=md.get("tokenizer.chat_template"), eot_ids=frozenset(eot))
+                   chat_template=md.get("tokenizer.chat_template"), eot_ids=frozenset(eot),
+                   add_space_prefix=space_prefix)
 
     # ---- encode / decode ---------------------------------------------------------------------------
 
@@ -156,10 +164,11 @@ class Tokenizer:
         return piece
 
     def decode_bytes(self, ids: Iterable[int], skip_special: bool = False) -> bytes:
-        """The raw bytes of a token sequence (SentencePiece: without the leading space of the first piece)."""
+        """The raw bytes of a token sequence (SentencePiece with add_space_prefix: without the leading space of
+        the first piece)."""
         out = b"".join(self.token_to_piece(i) for i in ids
                        if not (skip_special and self.token_types[i] == _CONTROL))
-        if self.kind == "llama" and out.startswith(b" "):
+        if self.add_space_prefix and out.startswith(b" "):
             out = out[1:]
         return out
 
@@ -171,23 +180,19 @@ class Tokenizer:
         """True for tokens that end generation (EOS and end-of-turn tokens such as <|im_end|>)."""
         return token_id in self.eot_ids
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
-        """Render messages with the file's tokenizer.chat_template (Jinja, sandboxed)."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **template_kwargs: Any) -> str:
+        """Render messages with the file's tokenizer.chat_template as transformers' apply_chat_template does
+        (lowbit.chat.render_chat). template_kwargs are extra template variables, e.g. enable_thinking=False for
+        Qwen3 or date_string for Llama 3.x."""
         if not self.chat_template:
             raise LowbitError("the GGUF file has no tokenizer.chat_template; format the prompt yourself")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from .chat import render_chat
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(msg: str) -> None:
-            raise LowbitError(f"chat template: {msg}")
-
-        env.globals["raise_exception"] = raise_exception
-        tmpl = env.from_string(self.chat_template)
         bos = self.tokens[self.bos_id] if self.bos_id is not None else ""
         eos = self.tokens[self.eos_id] if self.eos_id is not None else ""
-        return tmpl.render(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos,
-                           eos_token=eos, **extra)
+        return render_chat(messages, self.chat_template, bos_token=bos, eos_token=eos,
+                           add_generation_prompt=add_generation_prompt, template_kwargs=template_kwargs)
 
 
 class StreamDecoder:
@@ -203,7 +208,7 @@ class StreamDecoder:
         if self._skip and self._tok.token_types[token_id] == _CONTROL:
             return ""
         piece = self._tok.token_to_piece(token_id)
-        if self._first and self._tok.kind == "llama" and piece.startswith(b" "):
+        if self._first and self._tok.add_space_prefix and piece.startswith(b" "):
             piece = piece[1:]
         self._first = False
         return self._utf8.decode(piece)
@@ -216,15 +221,17 @@ class StreamDecoder:
 
 
 def _added(tokens: list[str], types: list[int]):
+    """Tokens matched whole before the model runs: control and unknown tokens (special: skipped by
+    encode(special=False) and decode(skip_special=True)) and user-defined ones, as llama.cpp's tokenizer does."""
     from tokenizers import AddedToken
 
-    return [AddedToken(t, special=(ty == _CONTROL), normalized=False)
-            for t, ty in zip(tokens, types) if ty in (_CONTROL, _USER_DEFINED)]
+    return [AddedToken(t, special=(ty in (_CONTROL, _UNKNOWN)), normalized=False)
+            for t, ty in zip(tokens, types) if ty in (_CONTROL, _UNKNOWN, _USER_DEFINED)]
 
 
 def _build_byte_level(tokens: list[str], types: list[int], merges: list[str], pre: str):
     """Byte-level BPE from the file's vocabulary and merges, with the pre-tokenizer tokenizer.ggml.pre names."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
     spell = byte_alphabet()
@@ -236,7 +243,9 @@ def _build_byte_level(tokens: list[str], types: list[int], merges: list[str], pr
             spell[b] for b in t.encode("utf-8"))
         vocab.setdefault(key, i)
     pairs = [tuple(m.split(" ", 1)) for m in merges]
-    hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, ignore_merges=pre in _IGNORE_MERGES))
+    if pre in _NFC:
+        hf.normalizer = normalizers.NFC()
     split = _SPLITS.get(pre)
     if split is not None:
         hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
@@ -264,21 +273,26 @@ def _build_sentencepiece(tokens: list[str], types: list[int], scores: list[float
     if len(scores) != len(tokens):
         raise LowbitError("tokenizer.ggml.scores is missing or does not match tokenizer.ggml.tokens")
     vocab = {t: i for i, t in enumerate(tokens)}
+    # Every split of a normal piece into two pieces of the vocabulary is a merge. For a large vocabulary this loop
+    # is most of the load time, hence the bare lookups.
+    find = vocab.get
     merges = []
     for t, ty, score in zip(tokens, types, scores):
-        if ty != _NORMAL or len(t) < 2:
+        if ty != _NORMAL:
             continue
         for k in range(1, len(t)):
-            a, b = t[:k], t[k:]
-            if a in vocab and b in vocab:
-                merges.append((score, vocab[a], vocab[b], a, b))
-    merges.sort(key=lambda m: (-m[0], m[1], m[2]))
+            a = find(t[:k])
+            if a is not None:
+                b = find(t[k:])
+                if b is not None:
+                    merges.append((-score, a, b))
+    merges.sort()
     unk = next((tokens[i] for i, ty in enumerate(types) if ty == _UNKNOWN), None)
-    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], unk_token=unk,
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[(tokens[a], tokens[b]) for _, a, b in merges], unk_token=unk,
                                 fuse_unk=True, byte_fallback=True))
     steps = [normalizers.Prepend("\u2581")] if add_space_prefix else []
     hf.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
-    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                    decoders.Strip(" ", 1, 0)])
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    hf.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if add_space_prefix else steps)
     hf.add_tokens(_added(tokens, types))
     return hf

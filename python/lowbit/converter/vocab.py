@@ -118,9 +118,11 @@ def _chat_templates(hf_dir: Path, tcfg: dict) -> list[KV]:
 
 
 def _looks_special(text: str) -> bool:
-    """Added tokens spelled <|...|> are control tokens even when not flagged special (as llama.cpp's converter
-    treats them)."""
-    return text.startswith("<|") and text.endswith("|>")
+    """Added tokens that are control tokens even when not flagged special, as llama.cpp's converter treats them:
+    <|...|> and DeepSeek's full-width <\uff5c...\uff5c> markers, Gemma's <unusedN>, <mask>, <2mass>, [@BOS@],
+    and <pad>."""
+    return ((text.startswith("<|") and text.endswith("|>")) or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
+            or (text.startswith("<unused") and text.endswith(">")) or text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]"))
 
 
 def _bpe_vocab(hf_dir: Path, tok: dict, n_vocab: int) -> tuple[list[KV], dict[str, int]]:
@@ -157,46 +159,95 @@ def _bpe_vocab(hf_dir: Path, tok: dict, n_vocab: int) -> tuple[list[KV], dict[st
     return kvs, vocab
 
 
-def _spm_vocab(hf_dir: Path, n_vocab: int) -> tuple[list[KV], dict[str, int]]:
+def _spm_proto(path: Path):
+    """The tokenizer.model's ModelProto (piece types, normalizer flags), or None where protobuf is missing."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:
+        log.warning("protobuf is not installed: SentencePiece user-defined pieces are written as normal tokens; "
+                    "pip install protobuf for exact token types")
+        return None
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    return proto
+
+
+def _is_gemma(hf_dir: Path, tcfg: dict) -> bool:
+    cfg = _read_json(hf_dir / "config.json")
+    arches = cfg.get("architectures") or []
+    return (str(tcfg.get("tokenizer_class") or "").startswith("Gemma")
+            or str(cfg.get("model_type") or "").startswith("gemma")
+            or any(str(a).startswith("Gemma") for a in arches))
+
+
+def _add_space_prefix(hf_dir: Path, tcfg: dict, proto) -> bool:
+    """tokenizer.ggml.add_space_prefix: tokenizer_config.json's add_prefix_space where it says; False for Gemma (its
+    Hugging Face tokenizer never prepends a space, whatever the proto says; llama.cpp's Gemma converters write
+    False); otherwise the proto's add_dummy_prefix, as sentencepiece itself does."""
+    flag = tcfg.get("add_prefix_space")
+    if isinstance(flag, bool):
+        return flag
+    if _is_gemma(hf_dir, tcfg):
+        return False
+    return bool(proto.normalizer_spec.add_dummy_prefix) if proto is not None else True
+
+
+def _spm_vocab(hf_dir: Path, n_vocab: int, tcfg: dict) -> tuple[list[KV], dict[str, int]]:
     import sentencepiece as spm
 
+    model_path = hf_dir / "tokenizer.model"
+    proto = _spm_proto(model_path)
     proc = spm.SentencePieceProcessor()
-    proc.LoadFromFile(str(hf_dir / "tokenizer.model"))
+    proc.LoadFromFile(str(model_path))
     tokens, scores, types = [], [], []
     for i in range(proc.vocab_size()):
         tokens.append(proc.IdToPiece(i))
         scores.append(proc.GetScore(i))
-        types.append(UNKNOWN if proc.IsUnknown(i) else CONTROL if proc.IsControl(i) else
-                     UNUSED if proc.IsUnused(i) else BYTE if proc.IsByte(i) else NORMAL)
-    vocab = {t: i for i, t in enumerate(tokens)}
-    added = _read_json(hf_dir / "added_tokens.json")
-    tok_json = _read_json(hf_dir / "tokenizer.json")
-    for a in tok_json.get("added_tokens") or []:
-        added.setdefault(a["content"], a["id"])
-    special = {a["content"] for a in tok_json.get("added_tokens") or [] if a.get("special")}
-    for text, i in sorted(added.items(), key=lambda kv: kv[1]):
-        if i < len(tokens):
-            continue
-        while len(tokens) < i:
+        if proto is not None:
+            # The proto's piece types use llama.cpp's numbering (NORMAL 1 ... BYTE 6), USER_DEFINED included.
+            types.append(int(proto.pieces[i].type))
+        else:
+            types.append(UNKNOWN if proc.IsUnknown(i) else CONTROL if proc.IsControl(i) else
+                         UNUSED if proc.IsUnused(i) else BYTE if proc.IsByte(i) else NORMAL)
+
+    def put(i: int, text: str, ttype: int) -> None:
+        while len(tokens) <= i:
             tokens.append(f"[PAD{len(tokens)}]")
             scores.append(-1000.0)
             types.append(UNUSED)
-        tokens.append(text)
-        scores.append(-1000.0)
-        types.append(CONTROL if text in special else USER_DEFINED)
-        vocab[text] = i
+        if types[i] in (UNKNOWN, BYTE):
+            return  # the proto's own unknown and byte pieces keep their meaning
+        tokens[i] = text
+        scores[i] = -1000.0
+        types[i] = ttype
+
+    # Added tokens, as llama.cpp's converter reads them: added_tokens.json (user-defined), tokenizer.json's
+    # added_tokens and tokenizer_config.json's added_tokens_decoder (control when flagged special or spelled like a
+    # control token). These may retype pieces of the proto itself: Gemma's <start_of_turn> is a user-defined piece
+    # there and a special token in tokenizer_config.json.
+    for text, i in sorted(_read_json(hf_dir / "added_tokens.json").items(), key=lambda kv: kv[1]):
+        if isinstance(i, int):
+            put(i, text, CONTROL if _looks_special(text) else USER_DEFINED)
+    entries = [(a.get("id"), a) for a in _read_json(hf_dir / "tokenizer.json").get("added_tokens") or []]
+    entries += [(int(k), a) for k, a in (tcfg.get("added_tokens_decoder") or {}).items() if str(k).isdigit()]
+    for i, a in entries:
+        text = a.get("content") if isinstance(a, dict) else None
+        if isinstance(i, int) and isinstance(text, str):
+            put(i, text, CONTROL if a.get("special") or _looks_special(text) else USER_DEFINED)
     if len(tokens) > n_vocab:
         raise LowbitError(f"{hf_dir}: tokenizer has {len(tokens)} tokens but config.json vocab_size is {n_vocab}")
     while len(tokens) < n_vocab:
         tokens.append(f"[PAD{len(tokens)}]")
         scores.append(-1000.0)
         types.append(UNUSED)
+    vocab = {t: i for i, t in enumerate(tokens)}
     kvs = [
         KV.str("tokenizer.ggml.model", "llama"),
         KV.str("tokenizer.ggml.pre", "default"),
         KV.arr("tokenizer.ggml.tokens", tokens, VT.STRING),
         KV.arr("tokenizer.ggml.scores", scores, VT.FLOAT32),
         KV.arr("tokenizer.ggml.token_type", types, VT.INT32),
+        KV.bool("tokenizer.ggml.add_space_prefix", _add_space_prefix(hf_dir, tcfg, proto)),
     ]
     return kvs, vocab
 
@@ -215,7 +266,7 @@ def tokenizer_metadata(hf_dir: Path, n_vocab: int) -> list[KV]:
         kvs, vocab = _bpe_vocab(hf_dir, tok, n_vocab)
         default_bos = False
     elif has_spm:
-        kvs, vocab = _spm_vocab(hf_dir, n_vocab)
+        kvs, vocab = _spm_vocab(hf_dir, n_vocab, tcfg)
         default_bos = True
     elif tok:
         raise LowbitError(f"{tok_path}: tokenizer model {model_type!r} is not supported (byte-level BPE "
