@@ -2,6 +2,7 @@
 // hidden states that cross the bus once per direction per chunk of tokens. The block reads top to bottom
 // in Backend::Impl::run_layer.
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <utility>
 #include <vector>
@@ -28,13 +29,27 @@ const void* device_layout(const Matrix& m, std::vector<block_nf4>& scratch, QTyp
 
 namespace {
 
+// One block on the device; the optional vectors (as in LayerWeights) are null where the block has none.
 struct DeviceLayer {
     const float* attn_norm = nullptr;  // (n_embd)
-    DevMatrix wq, wk, wv, wo;
+    DevMatrix wq, wk, wv;
+    const float* bq = nullptr;         // (n_head * head_dim)
+    const float* bk = nullptr;         // (n_head_kv * head_dim)
+    const float* bv = nullptr;         // (n_head_kv * head_dim)
+    const float* q_norm = nullptr;     // (head_dim)
+    const float* k_norm = nullptr;     // (head_dim)
+    DevMatrix wo;
+    const float* attn_post_norm = nullptr;  // (n_embd)
     const float* ffn_norm = nullptr;   // (n_embd)
     DevMatrix w_gate, w_up, w_down;
+    const float* ffn_post_norm = nullptr;   // (n_embd)
+    // K and V hold all n_ctx positions even for a sliding-window block (row = position, no ring): the
+    // window is a mask in attention, so truncate() can go back anywhere. The CPU keeps a ring of
+    // window + n_batch - 1 rows instead; on the GPU the simpler layout costs memory, not speed.
     __half* k_cache = nullptr;         // (n_ctx, n_head_kv * head_dim)
     __half* v_cache = nullptr;         // (n_ctx, n_head_kv * head_dim)
+    int window = 0;                    // attends to the last `window` positions (its own included); 0: all
+    int rope_table = 0;                // which of the backend's RoPE tables turns q and k
     int n_cached = 0;                  // positions 0 .. n_cached - 1 are valid
 };
 
@@ -73,7 +88,8 @@ struct Backend::Impl {
     float* gate = nullptr;   // (n_batch, n_ff)
     float* up = nullptr;     // (n_batch, n_ff)
     block_q8_act* act = nullptr;  // (n_batch, max_k / 32) quantized activations
-    float* inv_freq = nullptr;    // (rope_dim / 2)
+    float* inv_freq[2] = {};      // (rope_dim / 2) per RoPE table; table 1 null when the config has none
+    float* rope_cs[2] = {};       // (n_batch, rope_dim) cos, sin of the chunk's positions, per table
 
     std::vector<DeviceLayer> layers;
 
@@ -139,47 +155,117 @@ struct Backend::Impl {
 
     const float* upload_vec(Carver& mem, const float* src, int64_t n, const char* name) {
         if (src == nullptr) throw Error(std::string("CUDA backend: ") + name + " has no data pointer");
+        return upload_optional(mem, src, n);
+    }
+
+    // A vector the block may lack: null stays null (and takes no device memory, as vector_bytes counts).
+    const float* upload_optional(Carver& mem, const float* src, int64_t n) {
+        if (src == nullptr) return nullptr;
         float* dst = mem.take<float>(static_cast<size_t>(n) * 4);
         LB_CUDA(cudaMemcpyAsync(dst, src, static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, stream));
         LB_CUDA(cudaStreamSynchronize(stream));
         return dst;
     }
 
-    // y (+)= W x for several matrices sharing one input; with int8 activations x is quantized once.
-    void project(std::initializer_list<std::pair<const DevMatrix*, float*>> outs, const float* in, int nt) {
-        const DevMatrix& first = *outs.begin()->first;
+    // ---- the layer ops, on the chunk's nt tokens; buffers (nt, width) ----
+
+    // out (nt, n_embd) = rmsnorm(in) * weight, row by row.
+    void norm(const float* in, const float* weight, int nt, float* out) {
+        launch_rmsnorm(in, weight, nt, cfg.n_embd, cfg.rms_eps, out, stream);
+    }
+
+    struct Projection {
+        const DevMatrix* w;
+        const float* bias;  // (w->n_rows) or null
+        float* out;         // (nt, w->n_rows)
+    };
+    // Several matrices of one input, each out = in @ w^T (+ bias); with int8 activations in is quantized once.
+    void project(std::initializer_list<Projection> ps, const float* in, int nt) {
+        const DevMatrix& first = *ps.begin()->w;
         bool shared_act = nt < kGemmMinTokens && cfg.matvec == MatvecMode::Int8Act;
-        for (const auto& o : outs) shared_act = shared_act && matvec_int8_supported(o.first->type);
-        if (!shared_act) {
-            for (const auto& o : outs) matmul(*o.first, in, nt, o.second, false, cfg.matvec, act, stream);
-            return;
-        }
-        launch_quantize_act(in, nt, first.n_cols, act, stream);
-        const int64_t nb = first.n_cols / 32;
-        for (const auto& o : outs) {
-            for (int t = 0; t < nt; ++t) {
-                launch_matvec_int8(*o.first, act + t * nb, o.second + t * o.first->n_rows, false, stream);
+        for (const Projection& p : ps) shared_act = shared_act && matvec_int8_supported(p.w->type);
+        if (shared_act) {
+            launch_quantize_act(in, nt, first.n_cols, act, stream);
+            const int64_t nb = first.n_cols / 32;
+            for (const Projection& p : ps) {
+                for (int t = 0; t < nt; ++t) {
+                    launch_matvec_int8(*p.w, act + t * nb, p.out + t * p.w->n_rows, false, stream);
+                }
             }
+        } else {
+            for (const Projection& p : ps) matmul(*p.w, in, nt, p.out, false, cfg.matvec, act, stream);
+        }
+        for (const Projection& p : ps) {
+            if (p.bias) launch_add_bias(p.out, p.bias, nt, p.w->n_rows, stream);
         }
     }
 
-    // One transformer block on the chunk in `x`: nt tokens at positions pos .. pos + nt - 1.
+    // Every head of v (nt, n_heads * head_dim) = rmsnorm(head) * weight (head_dim); nothing when weight is null.
+    void head_norm(float* v, const float* weight, int n_heads, int nt) {
+        if (!weight) return;
+        launch_head_norm(v, weight, static_cast<int64_t>(nt) * n_heads, cfg.head_dim, cfg.rms_eps, stream);
+    }
+
+    // cos/sin of the chunk's positions for every table, shared by all heads and blocks of the chunk.
+    void rope_tables(int nt, int pos) {
+        for (int table = 0; table < 2; ++table) {
+            if (!inv_freq[table]) continue;
+            launch_rope_table(inv_freq[table], nt, rope_dim, pos, cfg.rope_mscale[table], rope_cs[table], stream);
+        }
+    }
+
+    // Rotate the first rope_dim dims of every head of v (nt, n_heads * head_dim) by its position.
+    void rope(float* v, int n_heads, int table, int nt) {
+        launch_rope(v, nt, n_heads, cfg.head_dim, rope_dim, cfg.rope_mode, rope_cs[table], stream);
+    }
+
+    // The chunk's k, v into the block's cache at positions pos .. pos + nt - 1.
+    void store_kv(DeviceLayer& L, int nt, int pos) {
+        launch_store_kv(k, v, nt, cfg.n_head_kv * cfg.head_dim, pos, L.k_cache, L.v_cache, stream);
+    }
+
+    // Causal GQA attention of the chunk's queries q over the block's cache (windowed where the block says)
+    // into att (nt, n_head * head_dim).
+    void attention(const DeviceLayer& L, int nt, int pos) {
+        launch_attention(q, L.k_cache, L.v_cache, nt, pos, cfg.n_head, cfg.n_head_kv, cfg.head_dim, L.window,
+                         cfg.attn_scale, att, stream);
+    }
+
+    // x (nt, n_embd) += in @ w^T, through post_norm first where the block has one (the residual add is fused
+    // into the matmul otherwise).
+    void matmul_add(const DevMatrix& w, const float* in, const float* post_norm, int nt) {
+        if (!post_norm) {
+            matmul(w, in, nt, x, /*accumulate=*/true, cfg.matvec, act, stream);
+            return;
+        }
+        matmul(w, in, nt, h, /*accumulate=*/false, cfg.matvec, act, stream);
+        launch_rmsnorm_add(h, post_norm, nt, cfg.n_embd, cfg.rms_eps, x, stream);
+    }
+
+    // gate = act(gate) * up over count elements.
+    void gated_activation(float* g, const float* u, int64_t count) {
+        launch_gated_act(cfg.act, g, u, count, g, stream);
+    }
+
+    // One transformer block on the chunk in `x`: nt tokens at positions pos .. pos + nt - 1, op for op as
+    // the CPU's Model::run_layer_cpu (cpp/src/model.cpp). The RoPE tables of the chunk are already made.
     void run_layer(DeviceLayer& L, int nt, int pos) {
-        const int n_embd = cfg.n_embd;
-        const int kv_dim = cfg.n_head_kv * cfg.head_dim;
-        // Attention.
-        launch_rmsnorm(x, L.attn_norm, nt, n_embd, cfg.rms_eps, h, stream);
-        project({{&L.wq, q}, {&L.wk, k}, {&L.wv, v}}, h, nt);
-        launch_rope(q, nt, cfg.n_head, cfg.head_dim, rope_dim, pos, inv_freq, stream);
-        launch_rope(k, nt, cfg.n_head_kv, cfg.head_dim, rope_dim, pos, inv_freq, stream);
-        launch_store_kv(k, v, nt, kv_dim, pos, L.k_cache, L.v_cache, stream);
-        launch_attention(q, L.k_cache, L.v_cache, nt, pos, cfg.n_head, cfg.n_head_kv, cfg.head_dim, att, stream);
-        matmul(L.wo, att, nt, x, /*accumulate=*/true, cfg.matvec, act, stream);  // residual add fused
-        // Feed-forward (SwiGLU).
-        launch_rmsnorm(x, L.ffn_norm, nt, n_embd, cfg.rms_eps, h, stream);
-        project({{&L.w_gate, gate}, {&L.w_up, up}}, h, nt);
-        launch_silu_mul(gate, up, static_cast<int64_t>(nt) * cfg.n_ff, gate, stream);
-        matmul(L.w_down, gate, nt, x, /*accumulate=*/true, cfg.matvec, act, stream);
+        const BackendConfig& c = cfg;
+        // Attention: x += attention(rope(norm(x) @ Wq, Wk, Wv)) @ Wo.
+        norm(x, L.attn_norm, nt, h);
+        project({{&L.wq, L.bq, q}, {&L.wk, L.bk, k}, {&L.wv, L.bv, v}}, h, nt);
+        head_norm(q, L.q_norm, c.n_head, nt);
+        head_norm(k, L.k_norm, c.n_head_kv, nt);
+        rope(q, c.n_head, L.rope_table, nt);
+        rope(k, c.n_head_kv, L.rope_table, nt);
+        store_kv(L, nt, pos);
+        attention(L, nt, pos);
+        matmul_add(L.wo, att, L.attn_post_norm, nt);
+        // Feed-forward: x += (act(norm(x) @ Wgate) * (norm(x) @ Wup)) @ Wdown.
+        norm(x, L.ffn_norm, nt, h);
+        project({{&L.w_gate, nullptr, gate}, {&L.w_up, nullptr, up}}, h, nt);
+        gated_activation(gate, up, static_cast<int64_t>(nt) * c.n_ff);
+        matmul_add(L.w_down, gate, L.ffn_post_norm, nt);
     }
 };
 
@@ -201,6 +287,31 @@ Backend::Backend(const BackendConfig& cfg, int n_batch) : impl_(new Impl) {
     if (I.rope_dim % 2 != 0 || I.rope_dim < 2 || I.rope_dim > cfg.head_dim) {
         bad("rope_dim " + std::to_string(I.rope_dim) + " must be even and at most head_dim " +
             std::to_string(cfg.head_dim));
+    }
+    if (cfg.rope_mode != RopeMode::Normal && cfg.rope_mode != RopeMode::Neox) {
+        bad("rope_mode " + std::to_string(static_cast<int>(cfg.rope_mode)) + " is neither Normal (0) nor Neox (2)");
+    }
+    if (cfg.act != GatedAct::Silu && cfg.act != GatedAct::GeluTanh) {
+        bad("act " + std::to_string(static_cast<int>(cfg.act)) + " is neither Silu (0) nor GeluTanh (1)");
+    }
+    if (!(cfg.attn_scale >= 0.0f) || !std::isfinite(cfg.attn_scale)) {
+        bad("attn_scale must be finite and >= 0 (0: 1/sqrt(head_dim))");
+    }
+    if (!(cfg.logit_softcap >= 0.0f) || !std::isfinite(cfg.logit_softcap)) {
+        bad("logit_softcap must be finite and >= 0 (0: none)");
+    }
+    if (cfg.rope_inv_freq[0].empty()) {
+        I.cfg.rope_inv_freq[0] = rope_inv_freq(I.rope_dim, cfg.rope_freq_base, cfg.rope_freq_scale);
+    }
+    for (int table = 0; table < 2; ++table) {
+        const std::vector<float>& f = I.cfg.rope_inv_freq[table];
+        if (!f.empty() && f.size() != static_cast<size_t>(I.rope_dim / 2)) {
+            bad("rope_inv_freq[" + std::to_string(table) + "] has " + std::to_string(f.size()) +
+                " frequencies, rope_dim / 2 = " + std::to_string(I.rope_dim / 2) + " expected");
+        }
+        if (!(cfg.rope_mscale[table] > 0.0f) || !std::isfinite(cfg.rope_mscale[table])) {
+            bad("rope_mscale[" + std::to_string(table) + "] must be finite and > 0 (1: no scaling)");
+        }
     }
     if (n_batch <= 0 || n_batch > 65535) bad("n_batch " + std::to_string(n_batch) + " must be in 1..65535");
     std::string why;
@@ -230,16 +341,19 @@ Backend::Backend(const BackendConfig& cfg, int n_batch) : impl_(new Impl) {
     I.gate = mem.take<float>(nb * cfg.n_ff * 4);
     I.up = mem.take<float>(nb * cfg.n_ff * 4);
     I.act = mem.take<block_q8_act>(nb * (max_k / 32 + 1) * sizeof(block_q8_act));
-    I.inv_freq = mem.take<float>(static_cast<size_t>(cfg.head_dim) * 4);
-    std::vector<float> inv(static_cast<size_t>(I.rope_dim / 2));
-    rope_inv_freq(I.rope_dim, cfg.rope_freq_base, cfg.rope_freq_scale, inv.data());
-    LB_CUDA(cudaMemcpyAsync(I.inv_freq, inv.data(), inv.size() * 4, cudaMemcpyHostToDevice, I.stream));
+    for (int table = 0; table < 2; ++table) {
+        const std::vector<float>& f = I.cfg.rope_inv_freq[table];
+        if (f.empty()) continue;
+        I.inv_freq[table] = mem.take<float>(f.size() * 4);
+        I.rope_cs[table] = mem.take<float>(nb * I.rope_dim * 4);
+        LB_CUDA(cudaMemcpyAsync(I.inv_freq[table], f.data(), f.size() * 4, cudaMemcpyHostToDevice, I.stream));
+    }
     LB_CUDA(cudaStreamSynchronize(I.stream));
 }
 
 Backend::~Backend() = default;
 
-int Backend::add_layer(const LayerWeights& w) {
+int Backend::add_layer(const LayerWeights& w, int window, int rope_table) {
     Impl& I = *impl_;
     const BackendConfig& c = I.cfg;
     I.use_device();
@@ -254,12 +368,24 @@ int Backend::add_layer(const LayerWeights& w) {
     Impl::check_shape(w.w_up, c.n_ff, c.n_embd, "ffn_up");
     Impl::check_shape(w.w_down, c.n_embd, c.n_ff, "ffn_down");
     if (w.attn_norm == nullptr || w.ffn_norm == nullptr) throw Error("CUDA backend: a block has no norm weights");
+    if (window < 0) throw Error("CUDA backend: window " + std::to_string(window) + " must be >= 0 (0: all positions)");
+    if (rope_table < 0 || rope_table > 1 || I.inv_freq[rope_table] == nullptr) {
+        throw Error("CUDA backend: rope_table " + std::to_string(rope_table) + " is not one of the config's RoPE " +
+                    "tables (0, or 1 when BackendConfig::rope_inv_freq[1] is set)");
+    }
     const size_t total = estimate_layer_bytes(c, w);
     const std::string what = "block " + std::to_string(I.layers.size()) + " (weights + KV cache)";
     Carver mem{static_cast<uint8_t*>(I.allocate(total, what)), 0, total};
     DeviceLayer L;
     L.attn_norm = I.upload_vec(mem, w.attn_norm, c.n_embd, "attn_norm");
     L.ffn_norm = I.upload_vec(mem, w.ffn_norm, c.n_embd, "ffn_norm");
+    L.bq = I.upload_optional(mem, w.bq, q_dim);
+    L.bk = I.upload_optional(mem, w.bk, kv_dim);
+    L.bv = I.upload_optional(mem, w.bv, kv_dim);
+    L.q_norm = I.upload_optional(mem, w.q_norm, c.head_dim);
+    L.k_norm = I.upload_optional(mem, w.k_norm, c.head_dim);
+    L.attn_post_norm = I.upload_optional(mem, w.attn_post_norm, c.n_embd);
+    L.ffn_post_norm = I.upload_optional(mem, w.ffn_post_norm, c.n_embd);
     L.wq = I.upload(mem, w.wq, q_dim, c.n_embd, "attn_q");
     L.wk = I.upload(mem, w.wk, kv_dim, c.n_embd, "attn_k");
     L.wv = I.upload(mem, w.wv, kv_dim, c.n_embd, "attn_v");
@@ -270,6 +396,8 @@ int Backend::add_layer(const LayerWeights& w) {
     const size_t kv_bytes = static_cast<size_t>(c.n_ctx) * kv_dim * sizeof(__half);
     L.k_cache = mem.take<__half>(kv_bytes);
     L.v_cache = mem.take<__half>(kv_bytes);
+    L.window = window;
+    L.rope_table = rope_table;
     I.layers.push_back(L);
     return static_cast<int>(I.layers.size()) - 1;
 }
@@ -306,6 +434,7 @@ void Backend::forward(int first, int last, float* x, int n_tok, int n_past) {
         const int nt = std::min(I.n_batch, n_tok - c0);
         float* xc = x + static_cast<size_t>(c0) * row;
         LB_CUDA(cudaMemcpyAsync(I.x, xc, nt * row * 4, cudaMemcpyHostToDevice, I.stream));
+        I.rope_tables(nt, n_past + c0);
         for (int l = first; l < last; ++l) I.run_layer(I.layers[l], nt, n_past + c0);
         LB_CUDA(cudaMemcpyAsync(xc, I.x, nt * row * 4, cudaMemcpyDeviceToHost, I.stream));
         LB_CUDA(cudaStreamSynchronize(I.stream));
@@ -346,6 +475,9 @@ void Backend::output(const float* x, int n_tok, float* logits) {
                                 I.stream));
         launch_rmsnorm(I.x, I.out_norm, nt, I.cfg.n_embd, I.cfg.rms_eps, I.h, I.stream);
         matmul(I.out_w, I.h, nt, I.logits, false, I.cfg.matvec, I.act, I.stream);
+        if (I.cfg.logit_softcap > 0.0f) {
+            launch_softcap(I.logits, static_cast<int64_t>(nt) * I.out_w.n_rows, I.cfg.logit_softcap, I.stream);
+        }
         LB_CUDA(cudaMemcpyAsync(logits + static_cast<size_t>(c0) * n_vocab, I.logits, nt * n_vocab * 4,
                                 cudaMemcpyDeviceToHost, I.stream));
         LB_CUDA(cudaStreamSynchronize(I.stream));

@@ -544,25 +544,36 @@ void launch_gemm(const DevMatrix& w, const float* x, int64_t n_tok, float* y, bo
 void matmul(const DevMatrix& w, const float* x, int64_t n_tok, float* y, bool accumulate, MatvecMode mode,
             block_q8_act* act, cudaStream_t stream);
 
+// y (n_rows, n) = rmsnorm(x) * weight (n); _add: y += that (a post-norm into the residual stream).
 void launch_rmsnorm(const float* x, const float* weight, int64_t n_rows, int64_t n, float eps, float* y,
                     cudaStream_t stream);
-// x (n_tok, n_heads * head_dim) in place; inv_freq (rope_dim / 2) already includes freq_scale.
-void launch_rope(float* x, int n_tok, int n_heads, int head_dim, int rope_dim, int pos0, const float* inv_freq,
+void launch_rmsnorm_add(const float* x, const float* weight, int64_t n_rows, int64_t n, float eps, float* y,
+                        cudaStream_t stream);
+// x (n_rows, n) = rmsnorm(x) * weight (n), in place, one warp per row (per-head q/k norm: n = head_dim).
+void launch_head_norm(float* x, const float* weight, int64_t n_rows, int n, float eps, cudaStream_t stream);
+// y (n_rows, n) += bias (n).
+void launch_add_bias(float* y, const float* bias, int64_t n_rows, int64_t n, cudaStream_t stream);
+// cs (n_tok, rope_dim) = mscale * cos, sin of (pos0 + t) * inv_freq[i], i < rope_dim / 2, angles in double.
+void launch_rope_table(const float* inv_freq, int n_tok, int rope_dim, int pos0, float mscale, float* cs,
+                       cudaStream_t stream);
+// x (n_tok, n_heads * head_dim) in place by the chunk's table cs (n_tok, rope_dim), pairs as `mode` says.
+void launch_rope(float* x, int n_tok, int n_heads, int head_dim, int rope_dim, RopeMode mode, const float* cs,
                  cudaStream_t stream);
 // k, v (n_tok, kv_dim) fp32 -> caches (n_ctx, kv_dim) fp16 at rows pos0 .. pos0 + n_tok - 1.
 void launch_store_kv(const float* k, const float* v, int n_tok, int kv_dim, int pos0, __half* k_cache,
                      __half* v_cache, cudaStream_t stream);
-// q (n_tok, n_head * head_dim), caches (>= n_past + n_tok, n_head_kv * head_dim) -> out like q.
+// q (n_tok, n_head * head_dim), caches (>= n_past + n_tok, n_head_kv * head_dim) -> out like q. window > 0:
+// query t sees only the last `window` positions up to n_past + t; scale 0: 1/sqrt(head_dim).
 void launch_attention(const float* q, const __half* k_cache, const __half* v_cache, int n_tok, int n_past, int n_head,
-                      int n_head_kv, int head_dim, float* out, cudaStream_t stream);
-void launch_silu_mul(const float* gate, const float* up, int64_t n, float* out, cudaStream_t stream);
+                      int n_head_kv, int head_dim, int window, float scale, float* out, cudaStream_t stream);
+// out = act(gate) * up, n elements (out may be gate or up).
+void launch_gated_act(GatedAct act, const float* gate, const float* up, int64_t n, float* out, cudaStream_t stream);
+// x = cap * tanh(x / cap), n elements.
+void launch_softcap(float* x, int64_t n, float cap, cudaStream_t stream);
 
 // Host: the device layout of a matrix. NF4_DQ is expanded into `scratch` as plain NF4 blocks (and *type
 // becomes NF4); every other type is returned as is. Validates the shape.
 const void* device_layout(const Matrix& m, std::vector<block_nf4>& scratch, QType* type);
-
-// Host-side inverse frequencies freq_scale * base^(-2i/rope_dim), i < rope_dim / 2, computed in double.
-void rope_inv_freq(int rope_dim, float freq_base, float freq_scale, float* out);
 
 inline unsigned int ceil_div_u(int64_t a, int64_t b) { return static_cast<unsigned int>((a + b - 1) / b); }
 

@@ -120,22 +120,32 @@ void rmsnorm(const float* x, const float* weight, int64_t n_rows, int64_t n, flo
     download(y, yd, bytes);
 }
 
-void rope(float* x, int n_tok, int n_heads, int head_dim, int rope_dim, int pos0, float freq_base, float freq_scale) {
+void head_norm(float* x, const float* weight, int64_t n_rows, int n, float eps) {
+    const size_t bytes = static_cast<size_t>(n_rows) * n * 4;
+    if (bytes == 0) return;
+    DeviceBuffer xd = upload(x, bytes);
+    DeviceBuffer wd = upload(weight, static_cast<size_t>(n) * 4);
+    launch_head_norm(xd.as<float>(), wd.as<float>(), n_rows, n, eps, nullptr);
+    download(x, xd, bytes);
+}
+
+void rope(float* x, int n_tok, int n_heads, int head_dim, int rope_dim, int pos0, const float* inv_freq,
+          RopeMode mode, float mscale) {
     const size_t bytes = static_cast<size_t>(n_tok) * n_heads * head_dim * 4;
     if (bytes == 0) return;
     if (rope_dim <= 0 || rope_dim % 2 != 0 || rope_dim > head_dim) {
         throw Error("CUDA rope: rope_dim must be even and in 2..head_dim");
     }
-    std::vector<float> inv(static_cast<size_t>(rope_dim / 2));
-    rope_inv_freq(rope_dim, freq_base, freq_scale, inv.data());
-    DeviceBuffer fd = upload(inv.data(), inv.size() * 4);
+    DeviceBuffer fd = upload(inv_freq, static_cast<size_t>(rope_dim / 2) * 4);
+    DeviceBuffer cs(static_cast<size_t>(n_tok) * rope_dim * 4);
     DeviceBuffer xd = upload(x, bytes);
-    launch_rope(xd.as<float>(), n_tok, n_heads, head_dim, rope_dim, pos0, fd.as<float>(), nullptr);
+    launch_rope_table(fd.as<float>(), n_tok, rope_dim, pos0, mscale, cs.as<float>(), nullptr);
+    launch_rope(xd.as<float>(), n_tok, n_heads, head_dim, rope_dim, mode, cs.as<float>(), nullptr);
     download(x, xd, bytes);
 }
 
 void attention(const float* q, const float* k, const float* v, int n_tok, int n_past, int n_head, int n_head_kv,
-               int head_dim, float* out) {
+               int head_dim, int window, float scale, float* out) {
     if (n_tok <= 0) return;
     const int n_kv = n_past + n_tok;
     const int kv_dim = n_head_kv * head_dim;
@@ -149,16 +159,16 @@ void attention(const float* q, const float* k, const float* v, int n_tok, int n_
     DeviceBuffer od(q_bytes);
     launch_store_kv(kd.as<float>(), vd.as<float>(), n_kv, kv_dim, 0, kc.as<__half>(), vc.as<__half>(), nullptr);
     launch_attention(qd.as<float>(), kc.as<__half>(), vc.as<__half>(), n_tok, n_past, n_head, n_head_kv, head_dim,
-                     od.as<float>(), nullptr);
+                     window, scale, od.as<float>(), nullptr);
     download(out, od, q_bytes);
 }
 
-void silu_mul(const float* gate, const float* up, int64_t n, float* out) {
+void gated_act(GatedAct act, const float* gate, const float* up, int64_t n, float* out) {
     if (n <= 0) return;
     DeviceBuffer gd = upload(gate, static_cast<size_t>(n) * 4);
     DeviceBuffer ud = upload(up, static_cast<size_t>(n) * 4);
     DeviceBuffer od(static_cast<size_t>(n) * 4);
-    launch_silu_mul(gd.as<float>(), ud.as<float>(), n, od.as<float>(), nullptr);
+    launch_gated_act(act, gd.as<float>(), ud.as<float>(), n, od.as<float>(), nullptr);
     download(out, od, static_cast<size_t>(n) * 4);
 }
 

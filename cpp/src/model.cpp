@@ -471,7 +471,7 @@ std::unique_ptr<Model> Model::load(const std::string& path, const ModelParams& p
         throw Error("'" + path + "' was replaced or truncated on disk while it was being loaded; load it again");
     }
     m->pool_ = std::make_unique<ThreadPool>(params.n_threads);
-    m->gpu_ = GpuLayers::place(m->config_, params, m->n_ctx_, m->has_rope_freq_factors_, m->layers_,
+    m->gpu_ = GpuLayers::place(m->config_, params, m->n_ctx_, m->rope_inv_freq_, m->rope_mscale_, m->layers_,
                                m->output_norm, m->output, &m->head_on_gpu_);
     std::vector<WeightView*> cpu_matrices;  // in the order decode reads them
     for (Layer& L : m->layers_) {
@@ -667,7 +667,6 @@ void Model::load_tensors() {
     const float* freq_factors = nullptr;
     if (const GGUFTensorInfo* rf = r.find_tensor("rope_freqs.weight")) {
         freq_factors = s.vector(*rf, c.n_rot / 2);
-        has_rope_freq_factors_ = true;
     }
     auto inv_freq = [&](double base, double scale, const float* factors, bool yarn) {
         // The pair index whose wavelength fits `rotations` times into the original context.

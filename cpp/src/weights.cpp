@@ -272,17 +272,25 @@ cuda::Matrix to_matrix(const WeightView& w) {
     return m;
 }
 
+// The block's weights as the backend takes them; what the architecture lacks stays null on both sides.
 cuda::LayerWeights layer_weights(const Layer& L) {
     cuda::LayerWeights w;
     w.attn_norm = L.attn_norm;
     w.wq = to_matrix(L.wq);
     w.wk = to_matrix(L.wk);
     w.wv = to_matrix(L.wv);
+    w.bq = L.bq;
+    w.bk = L.bk;
+    w.bv = L.bv;
+    w.q_norm = L.q_norm;
+    w.k_norm = L.k_norm;
     w.wo = to_matrix(L.wo);
+    w.attn_post_norm = L.attn_post_norm;
     w.ffn_norm = L.ffn_norm;
     w.w_gate = to_matrix(L.w_gate);
     w.w_up = to_matrix(L.w_up);
     w.w_down = to_matrix(L.w_down);
+    w.ffn_post_norm = L.ffn_post_norm;
     return w;
 }
 
@@ -292,22 +300,57 @@ std::string mib(size_t bytes) { return std::to_string((bytes + (1u << 20) - 1) >
 // own estimate; kept free so an estimate that just fits does not fail half-way through the uploads.
 constexpr size_t kGpuReserveBytes = size_t(256) << 20;
 
-// What the backend's block (cuda/backend.cu run_layer) computes: pre-norm llama blocks with interleaved RoPE
-// over all positions. Returns what else this architecture's row asks for, or "".
-std::string beyond_cuda_block(const ArchSpec& a) {
-    if (a.qkv_bias) return "q/k/v biases";
-    if (a.qk_norm) return "q/k head norms";
-    if (a.rope != RopeStyle::kInterleaved) return "neox-style RoPE";
-    if (a.norm != NormPlacement::kPre) return "post-norms";
-    if (a.act != Activation::kSilu) return "a GELU feed-forward";
-    if (a.swa_pattern != 0) return "sliding-window attention";
-    if (a.embed_scale || a.logit_softcap) return "embedding scaling or logit soft-capping";
-    return "";
+[[noreturn]] void refuse(const ModelConfig& c, const std::string& need) {
+    throw Error("the CUDA backend does not run " + c.architecture + " blocks yet (they need " + need +
+                "); pass n_gpu_layers=0");
+}
+
+// The backend's block (cuda/backend.cu run_layer) is the CPU's run_layer_cpu op for op; these map the row's
+// choices to its kernels. The switches name every value, so a new one added to ArchSpec is a compiler
+// warning here and a clear refusal at load until the backend has a kernel for it.
+cuda::RopeMode rope_mode(const ModelConfig& c) {
+    switch (c.arch.rope) {
+        case RopeStyle::kInterleaved:
+            return cuda::RopeMode::Normal;
+        case RopeStyle::kNeox:
+            return cuda::RopeMode::Neox;
+    }
+    refuse(c, "RoPE style " + std::to_string(static_cast<int>(c.arch.rope)));
+}
+
+cuda::GatedAct gated_act(const ModelConfig& c) {
+    switch (c.arch.act) {
+        case Activation::kSilu:
+            return cuda::GatedAct::Silu;
+        case Activation::kGeluTanh:
+            return cuda::GatedAct::GeluTanh;
+    }
+    refuse(c, "activation " + std::to_string(static_cast<int>(c.arch.act)));
+}
+
+// What else the model asks of a GPU block, refused before anything is allocated. Biases, head norms and
+// post-norms come with the Layer (null where absent), sliding windows with Layer::window and Layer::rope, the
+// embedding scale stays on the CPU with the embedding.
+void check_cuda_block(const ModelConfig& c) {
+    bool known_norm = false;
+    switch (c.arch.norm) {
+        case NormPlacement::kPre:
+        case NormPlacement::kSandwich:  // the post-norms come with the Layer
+            known_norm = true;
+            break;
+    }
+    if (!known_norm) refuse(c, "norm placement " + std::to_string(static_cast<int>(c.arch.norm)));
+    if (c.head_dim > 256) {
+        refuse(c, "a head size of " + std::to_string(c.head_dim) + "; the GPU attention takes at most 256");
+    }
+    rope_mode(c);
+    gated_act(c);
 }
 }  // namespace
 
 std::unique_ptr<GpuLayers> GpuLayers::place(const ModelConfig& c, const ModelParams& params, int n_ctx,
-                                            bool rope_freq_factors, std::vector<Layer>& layers,
+                                            const std::vector<float> (&rope_inv_freq)[2],
+                                            const float (&rope_mscale)[2], std::vector<Layer>& layers,
                                             const float* output_norm, const WeightView& output, bool* head_on_gpu) {
     *head_on_gpu = false;
     const int n = params.n_gpu_layers;
@@ -315,15 +358,7 @@ std::unique_ptr<GpuLayers> GpuLayers::place(const ModelConfig& c, const ModelPar
     const int gpu_begin = c.n_layer - n_blocks;
     const bool head = n < 0 || n > c.n_layer;
     if (n_blocks == 0 && !head) return nullptr;
-    if (rope_freq_factors) {
-        throw Error("this model has rope_freqs.weight (per-frequency RoPE factors), which the CUDA backend does not "
-                    "support; pass n_gpu_layers=0");
-    }
-    const std::string beyond = beyond_cuda_block(c.arch);
-    if (!beyond.empty()) {
-        throw Error("the CUDA backend does not run " + c.architecture + " blocks yet (they need " + beyond +
-                    "); pass n_gpu_layers=0");
-    }
+    check_cuda_block(c);
     cuda::BackendConfig bc;
     bc.n_embd = c.n_embd;
     bc.n_head = c.n_head;
@@ -332,11 +367,20 @@ std::unique_ptr<GpuLayers> GpuLayers::place(const ModelConfig& c, const ModelPar
     bc.n_ff = c.n_ff;
     bc.n_ctx = n_ctx;
     bc.rms_eps = c.rms_eps;
+    bc.attn_scale = c.attn_scale;
+    bc.rope_mode = rope_mode(c);
+    bc.rope_dim = c.n_rot;
+    for (int table = 0; table < 2; ++table) {
+        bc.rope_inv_freq[table] = rope_inv_freq[table];
+        bc.rope_mscale[table] = rope_mscale[table];
+    }
     bc.rope_freq_base = c.rope_freq_base;
     bc.rope_freq_scale = c.rope_freq_scale;
-    bc.rope_dim = c.n_rot;
+    bc.act = gated_act(c);
+    bc.logit_softcap = c.logit_softcap;
 
-    // Estimate before allocating anything: weights + KV cache (n_ctx) per block, the head, the scratch.
+    // Estimate before allocating anything: weights + KV cache (n_ctx, sliding blocks too) per block, the
+    // head, the scratch.
     std::string why;
     if (cuda::device_count(&why) == 0) {
         throw Error("CUDA backend: no usable GPU (" + why + "); run with n_gpu_layers=0 or check the NVIDIA driver");
@@ -367,8 +411,9 @@ std::unique_ptr<GpuLayers> GpuLayers::place(const ModelConfig& c, const ModelPar
     g->impl_->backend = std::make_unique<cuda::Backend>(bc, params.n_batch);
     g->impl_->n_blocks = n_blocks;
     for (int l = gpu_begin; l < c.n_layer; ++l) {
-        layers[l].backend = Backend::kCuda;
-        layers[l].slot = g->impl_->backend->add_layer(layer_weights(layers[l]));
+        Layer& L = layers[l];
+        L.backend = Backend::kCuda;
+        L.slot = g->impl_->backend->add_layer(layer_weights(L), L.window, L.rope);
     }
     if (head) g->impl_->backend->set_output(output_norm, to_matrix(output));
     g->impl_->head = head;
@@ -394,7 +439,8 @@ void GpuLayers::footprint(const std::vector<Layer>& layers, const WeightView& ou
 }
 #else
 struct GpuLayers::Impl {};
-std::unique_ptr<GpuLayers> GpuLayers::place(const ModelConfig&, const ModelParams&, int, bool, std::vector<Layer>&,
+std::unique_ptr<GpuLayers> GpuLayers::place(const ModelConfig&, const ModelParams&, int,
+                                            const std::vector<float> (&)[2], const float (&)[2], std::vector<Layer>&,
                                             const float*, const WeightView&, bool* head_on_gpu) {
     *head_on_gpu = false;  // Model::load rejects n_gpu_layers != 0 in builds without CUDA
     return nullptr;

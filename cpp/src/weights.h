@@ -84,9 +84,12 @@ class GpuLayers {
 public:
     // Null when n_gpu_layers is 0. Otherwise uploads the chosen blocks, sets their backend and slot, and
     // the head when *head_on_gpu comes back true; throws when a block needs what the backend lacks or the
-    // GPU has too little memory.
+    // GPU has too little memory. rope_inv_freq, rope_mscale: the model's two RoPE tables and their cos/sin
+    // magnitudes (Model::rope_inv_freq_, rope_mscale_: global blocks, sliding-window blocks; (n_rot / 2)
+    // frequencies each, the second table empty without sliding blocks).
     static std::unique_ptr<GpuLayers> place(const ModelConfig& c, const ModelParams& params, int n_ctx,
-                                            bool rope_freq_factors, std::vector<Layer>& layers,
+                                            const std::vector<float> (&rope_inv_freq)[2],
+                                            const float (&rope_mscale)[2], std::vector<Layer>& layers,
                                             const float* output_norm, const WeightView& output, bool* head_on_gpu);
     ~GpuLayers();
     // Blocks with GPU slots [first, last) on host x (n, n_embd), in place.

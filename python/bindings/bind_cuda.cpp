@@ -54,6 +54,18 @@ lc::Matrix tuple_matrix(const py::handle& t) {
     return to_matrix(tup[0], tup[1].cast<py::buffer>(), tup[2].cast<int64_t>(), tup[3].cast<int64_t>());
 }
 
+lc::RopeMode to_rope_mode(const std::string& mode) {
+    if (mode == "normal") return lc::RopeMode::Normal;
+    if (mode == "neox") return lc::RopeMode::Neox;
+    throw Error("rope_mode must be 'normal' or 'neox', got '" + mode + "'");
+}
+
+lc::GatedAct to_gated_act(const std::string& act) {
+    if (act == "silu") return lc::GatedAct::Silu;
+    if (act == "gelu_tanh") return lc::GatedAct::GeluTanh;
+    throw Error("act must be 'silu' or 'gelu_tanh', got '" + act + "'");
+}
+
 lc::BackendConfig to_config(const py::dict& d) {
     lc::BackendConfig c;
     auto get_i = [&](const char* k, int& dst) { if (d.contains(k)) dst = d[k].cast<int>(); };
@@ -69,6 +81,18 @@ lc::BackendConfig to_config(const py::dict& d) {
     get_f("rms_eps", c.rms_eps);
     get_f("rope_freq_base", c.rope_freq_base);
     get_f("rope_freq_scale", c.rope_freq_scale);
+    get_f("attn_scale", c.attn_scale);
+    get_f("logit_softcap", c.logit_softcap);
+    get_f("rope_mscale", c.rope_mscale[0]);
+    get_f("rope_mscale_swa", c.rope_mscale[1]);
+    if (d.contains("rope_mode")) c.rope_mode = to_rope_mode(d["rope_mode"].cast<std::string>());
+    if (d.contains("act")) c.act = to_gated_act(d["act"].cast<std::string>());
+    const char* tables[2] = {"rope_inv_freq", "rope_inv_freq_swa"};
+    for (int t = 0; t < 2; ++t) {
+        if (!d.contains(tables[t]) || d[tables[t]].is_none()) continue;
+        F32Array f = d[tables[t]].cast<F32Array>();
+        c.rope_inv_freq[t].assign(f.data(), f.data() + f.size());
+    }
     if (d.contains("matvec")) {
         const std::string mode = d["matvec"].cast<std::string>();
         if (mode == "int8") c.matvec = lc::MatvecMode::Int8Act;
@@ -99,18 +123,40 @@ void bind_backend(py::module_& sub) {
         .def(py::init([](const py::dict& cfg, int n_batch) { return new lc::Backend(to_config(cfg), n_batch); }),
              py::arg("config"), py::arg("n_batch") = 512,
              "config: dict with n_embd, n_head, n_head_kv, head_dim, n_ff, n_ctx, rms_eps, rope_freq_base, "
-             "rope_freq_scale, rope_dim (0: head_dim), device, matvec ('int8' | 'float').")
+             "rope_freq_scale, rope_dim (0: head_dim), device, matvec ('int8' | 'float'), and for other "
+             "architectures than llama: attn_scale (0: 1/sqrt(head_dim)), rope_mode ('normal' | 'neox'), "
+             "act ('silu' | 'gelu_tanh'), rope_inv_freq and rope_inv_freq_swa (float32 (rope_dim / 2): the "
+             "two RoPE tables; rope_inv_freq replaces base and scale), rope_mscale and rope_mscale_swa (their "
+             "cos/sin magnitude, YaRN's attn_factor; 1: none), logit_softcap (0: none).")
         .def("add_layer",
-             [](lc::Backend& b, const py::dict& w) {
-                 F32Array attn_norm = w["attn_norm"].cast<F32Array>();
-                 F32Array ffn_norm = w["ffn_norm"].cast<F32Array>();
-                 const int64_t n_embd = b.config().n_embd;
-                 if (attn_norm.size() != n_embd || ffn_norm.size() != n_embd) {
-                     throw Error("attn_norm and ffn_norm must have n_embd = " + std::to_string(n_embd) + " elements");
-                 }
+             [](lc::Backend& b, const py::dict& w, int window, int rope_table) {
+                 const lc::BackendConfig& c = b.config();
+                 const int64_t q_dim = static_cast<int64_t>(c.n_head) * c.head_dim;
+                 const int64_t kv_dim = static_cast<int64_t>(c.n_head_kv) * c.head_dim;
+                 std::vector<F32Array> keep;  // the vectors' float32 copies, alive until add_layer returns
+                 auto vec = [&](const char* key, int64_t n, bool required) -> const float* {
+                     if (!w.contains(key) || w[key].is_none()) {
+                         if (required) throw Error(std::string("add_layer: '") + key + "' is missing");
+                         return nullptr;
+                     }
+                     keep.push_back(w[key].cast<F32Array>());
+                     if (keep.back().size() != n) {
+                         throw Error(std::string("add_layer: '") + key + "' must have " + std::to_string(n) +
+                                     " elements, got " + std::to_string(keep.back().size()));
+                     }
+                     return keep.back().data();
+                 };
+                 keep.reserve(9);
                  lc::LayerWeights lw;
-                 lw.attn_norm = attn_norm.data();
-                 lw.ffn_norm = ffn_norm.data();
+                 lw.attn_norm = vec("attn_norm", c.n_embd, true);
+                 lw.ffn_norm = vec("ffn_norm", c.n_embd, true);
+                 lw.bq = vec("bq", q_dim, false);
+                 lw.bk = vec("bk", kv_dim, false);
+                 lw.bv = vec("bv", kv_dim, false);
+                 lw.q_norm = vec("q_norm", c.head_dim, false);
+                 lw.k_norm = vec("k_norm", c.head_dim, false);
+                 lw.attn_post_norm = vec("attn_post_norm", c.n_embd, false);
+                 lw.ffn_post_norm = vec("ffn_post_norm", c.n_embd, false);
                  lw.wq = tuple_matrix(w["wq"]);
                  lw.wk = tuple_matrix(w["wk"]);
                  lw.wv = tuple_matrix(w["wv"]);
@@ -118,11 +164,14 @@ void bind_backend(py::module_& sub) {
                  lw.w_gate = tuple_matrix(w["w_gate"]);
                  lw.w_up = tuple_matrix(w["w_up"]);
                  lw.w_down = tuple_matrix(w["w_down"]);
-                 return b.add_layer(lw);
+                 return b.add_layer(lw, window, rope_table);
              },
-             py::arg("weights"),
+             py::arg("weights"), py::arg("window") = 0, py::arg("rope_table") = 0,
              "weights: attn_norm, ffn_norm (float32 (n_embd)) and wq, wk, wv, wo, w_gate, w_up, w_down as "
-             "(qtype, uint8 data, n_rows, n_cols) tuples. Returns the block's index.")
+             "(qtype, uint8 data, n_rows, n_cols) tuples; optional float32 vectors bq, bk, bv (biases), q_norm, "
+             "k_norm (head_dim), attn_post_norm, ffn_post_norm (n_embd). window > 0: the block attends to the "
+             "last `window` positions only; rope_table 1: the config's rope_inv_freq_swa. Returns the block's "
+             "index.")
         .def("forward",
              [](lc::Backend& b, const F32Array& x, int n_past, int first, int last) {
                  check_2d(x, b.config().n_embd, "x");
@@ -266,19 +315,47 @@ void bind_cuda(py::module_& m) {
             },
             py::arg("x"), py::arg("weight"), py::arg("eps"));
 
+    sub.def("head_norm",
+            [](const F32Array& x, const F32Array& w, float eps) {
+                if (x.ndim() != 2 || w.ndim() != 1 || w.shape(0) != x.shape(1)) {
+                    throw Error("head_norm: x (n_rows, head_dim) and weight (head_dim)");
+                }
+                py::array_t<float> y({x.shape(0), x.shape(1)});
+                std::memcpy(y.mutable_data(), x.data(), static_cast<size_t>(x.size()) * 4);
+                lt::head_norm(y.mutable_data(), w.data(), x.shape(0), static_cast<int>(x.shape(1)), eps);
+                return y;
+            },
+            py::arg("x"), py::arg("weight"), py::arg("eps"),
+            "Every row (a head) through RMSNorm with weight (head_dim): the per-head q/k norm.");
+
     sub.def("rope",
-            [](const F32Array& x, int rope_dim, int pos0, float base, float scale) {
+            [](const F32Array& x, int rope_dim, int pos0, float base, float scale, const std::string& mode,
+               const py::object& inv_freq, float mscale) {
                 if (x.ndim() != 3) throw Error("rope: x must be (n_tok, n_heads, head_dim)");
+                std::vector<float> freq;
+                if (inv_freq.is_none()) {
+                    freq = lc::rope_inv_freq(rope_dim, base, scale);
+                } else {
+                    F32Array f = inv_freq.cast<F32Array>();
+                    if (f.size() != rope_dim / 2) throw Error("rope: inv_freq must have rope_dim / 2 elements");
+                    freq.assign(f.data(), f.data() + f.size());
+                }
+                if (freq.empty()) throw Error("rope: rope_dim must be even and in 2..head_dim");
                 py::array_t<float> y({x.shape(0), x.shape(1), x.shape(2)});
                 std::memcpy(y.mutable_data(), x.data(), static_cast<size_t>(x.size()) * 4);
                 lt::rope(y.mutable_data(), static_cast<int>(x.shape(0)), static_cast<int>(x.shape(1)),
-                         static_cast<int>(x.shape(2)), rope_dim, pos0, base, scale);
+                         static_cast<int>(x.shape(2)), rope_dim, pos0, freq.data(), to_rope_mode(mode), mscale);
                 return y;
             },
-            py::arg("x"), py::arg("rope_dim"), py::arg("pos0"), py::arg("freq_base"), py::arg("freq_scale"));
+            py::arg("x"), py::arg("rope_dim"), py::arg("pos0"), py::arg("freq_base") = 10000.0f,
+            py::arg("freq_scale") = 1.0f, py::arg("mode") = "normal", py::arg("inv_freq") = py::none(),
+            py::arg("mscale") = 1.0f,
+            "x (n_tok, n_heads, head_dim) rotated for positions pos0..: mode 'normal' (pairs 2i, 2i+1) or 'neox' "
+            "(pairs i, i + rope_dim/2); inv_freq (rope_dim / 2) replaces freq_scale * freq_base^(-2i/rope_dim); "
+            "cos and sin scaled by mscale (YaRN).");
 
     sub.def("attention",
-            [](const F32Array& q, const F32Array& k, const F32Array& v, int n_past) {
+            [](const F32Array& q, const F32Array& k, const F32Array& v, int n_past, int window, float scale) {
                 if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3) {
                     throw Error("attention: q (n_tok, n_head, head_dim), k and v (n_past + n_tok, n_head_kv, head_dim)");
                 }
@@ -289,20 +366,26 @@ void bind_cuda(py::module_& m) {
                 }
                 py::array_t<float> out({q.shape(0), q.shape(1), q.shape(2)});
                 lt::attention(q.data(), k.data(), v.data(), n_tok, n_past, static_cast<int>(q.shape(1)),
-                              static_cast<int>(k.shape(1)), static_cast<int>(q.shape(2)), out.mutable_data());
+                              static_cast<int>(k.shape(1)), static_cast<int>(q.shape(2)), window, scale,
+                              out.mutable_data());
                 return out;
             },
-            py::arg("q"), py::arg("k"), py::arg("v"), py::arg("n_past"),
-            "Causal GQA attention through the fp16 KV cache; query t sits at position n_past + t.");
+            py::arg("q"), py::arg("k"), py::arg("v"), py::arg("n_past"), py::arg("window") = 0,
+            py::arg("scale") = 0.0f,
+            "Causal GQA attention through the fp16 KV cache; query t sits at position n_past + t. window > 0: "
+            "each query sees only the last `window` positions up to its own; scale 0: 1/sqrt(head_dim).");
 
-    sub.def("silu_mul",
-            [](const F32Array& g, const F32Array& u) {
-                if (g.size() != u.size()) throw Error("silu_mul: gate and up differ in size");
-                py::array_t<float> out(g.size());
-                lt::silu_mul(g.data(), u.data(), g.size(), out.mutable_data());
-                return out;
-            },
-            py::arg("gate"), py::arg("up"));
+    auto gated = [](lc::GatedAct act) {
+        return [act](const F32Array& g, const F32Array& u) {
+            if (g.size() != u.size()) throw Error("gated activation: gate and up differ in size");
+            py::array_t<float> out(g.size());
+            lt::gated_act(act, g.data(), u.data(), g.size(), out.mutable_data());
+            return out;
+        };
+    };
+    sub.def("silu_mul", gated(lc::GatedAct::Silu), py::arg("gate"), py::arg("up"), "silu(gate) * up");
+    sub.def("gelu_tanh_mul", gated(lc::GatedAct::GeluTanh), py::arg("gate"), py::arg("up"),
+            "gelu_tanh(gate) * up (GELU's tanh approximation)");
 
     sub.def("copy_bandwidth", &lt::copy_bandwidth, py::arg("bytes"), py::arg("reps") = 10,
             py::call_guard<py::gil_scoped_release>(),

@@ -3,8 +3,13 @@ block (and the output head) on the GPU, device copy bandwidth and the share of i
 partial-offload curve (tokens/s vs n_gpu_layers), and transformers bf16 generate on the same GPU.
 
     LOWBIT_CORE_DIR=build/dev-cuda PYTHONPATH=python python tests/bench/gpu.py [--shapes 1.1b,7b] [--json out.json]
+        [--archs llama,qwen2,qwen3,gemma3] [--models a.gguf,b.gguf]
 
-Weights are random block bytes (finite scales): speed does not depend on the values. Never pass/fail.
+--archs runs the random shapes as each architecture's block (qwen2's q/k/v biases, qwen3's q/k head norms and
+neox RoPE, gemma3's post-norms, GELU gate and sliding window of 1024 on five blocks of six), so the cost of
+those ops shows next to llama's. --models times real GGUF files of any architecture lowbit runs, every block
+and the head on the GPU. Weights are random block bytes (finite scales): speed does not depend on the values.
+Never pass/fail.
 """
 from __future__ import annotations
 
@@ -50,6 +55,26 @@ SHAPES = {
 BLOCK_BYTES = {"Q4_0": (32, 18), "NF4": (64, 36), "Q8_0": (32, 34)}
 
 
+@dataclass
+class ArchOps:
+    """What an architecture's block adds to llama's (the backend's optional vectors and config)."""
+    bias: bool = False
+    qk_norm: bool = False
+    neox: bool = False
+    gelu: bool = False
+    post_norms: bool = False
+    window: int = 0        # sliding blocks attend to this many positions
+    swa_pattern: int = 0   # every swa_pattern-th block is global, the others slide
+
+
+ARCHS = {
+    "llama": ArchOps(),
+    "qwen2": ArchOps(bias=True, neox=True),
+    "qwen3": ArchOps(qk_norm=True, neox=True),
+    "gemma3": ArchOps(qk_norm=True, neox=True, gelu=True, post_norms=True, window=1024, swa_pattern=6),
+}
+
+
 def random_matrix(qtype: str, n_rows: int, n_cols: int, rng: np.random.Generator) -> tuple:
     """(qtype, raw bytes, n_rows, n_cols) of random blocks with small finite scales."""
     block, size = BLOCK_BYTES[qtype]
@@ -62,19 +87,41 @@ def random_matrix(qtype: str, n_rows: int, n_cols: int, rng: np.random.Generator
     return (QType[qtype], raw.reshape(-1), n_rows, n_cols)
 
 
-def layer_weights(s: Shape, qtype: str, rng: np.random.Generator) -> dict[str, Any]:
+def layer_weights(s: Shape, qtype: str, rng: np.random.Generator, ops: ArchOps = ArchOps()) -> dict[str, Any]:
     qd, kvd = s.n_head * s.head_dim, s.n_head_kv * s.head_dim
-    return {
+    w: dict[str, Any] = {
         "attn_norm": np.ones(s.n_embd, np.float32), "ffn_norm": np.ones(s.n_embd, np.float32),
         "wq": random_matrix(qtype, qd, s.n_embd, rng), "wk": random_matrix(qtype, kvd, s.n_embd, rng),
         "wv": random_matrix(qtype, kvd, s.n_embd, rng), "wo": random_matrix(qtype, s.n_embd, qd, rng),
         "w_gate": random_matrix(qtype, s.n_ff, s.n_embd, rng), "w_up": random_matrix(qtype, s.n_ff, s.n_embd, rng),
         "w_down": random_matrix(qtype, s.n_embd, s.n_ff, rng),
     }
+    if ops.bias:
+        w.update(bq=np.zeros(qd, np.float32), bk=np.zeros(kvd, np.float32), bv=np.zeros(kvd, np.float32))
+    if ops.qk_norm:
+        w.update(q_norm=np.ones(s.head_dim, np.float32), k_norm=np.ones(s.head_dim, np.float32))
+    if ops.post_norms:
+        w.update(attn_post_norm=np.ones(s.n_embd, np.float32), ffn_post_norm=np.ones(s.n_embd, np.float32))
+    return w
+
+
+def backend_config(s: Shape, matvec: str, n_ctx: int, ops: ArchOps = ArchOps()) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"n_embd": s.n_embd, "n_head": s.n_head, "n_head_kv": s.n_head_kv, "head_dim": s.head_dim,
+                           "n_ff": s.n_ff, "n_ctx": n_ctx, "rms_eps": 1e-5, "rope_freq_base": 10000.0,
+                           "matvec": matvec, "rope_mode": "neox" if ops.neox else "normal",
+                           "act": "gelu_tanh" if ops.gelu else "silu"}
+    if ops.window:
+        i = np.arange(s.head_dim // 2, dtype=np.float64)
+        cfg["rope_inv_freq_swa"] = (10000.0 ** (-2.0 * i / s.head_dim)).astype(np.float32)
+    return cfg
+
+
+def sliding(ops: ArchOps, layer: int) -> bool:
+    return ops.window > 0 and ops.swa_pattern > 0 and layer % ops.swa_pattern < ops.swa_pattern - 1
 
 
 def weight_bytes(w: dict[str, Any]) -> int:
-    return sum(len(v[1]) for k, v in w.items() if isinstance(v, tuple))
+    return sum(len(v[1]) if isinstance(v, tuple) else v.nbytes for v in w.values())
 
 
 def median_time(fn, reps: int) -> float:
@@ -87,15 +134,17 @@ def median_time(fn, reps: int) -> float:
 
 
 def bench_backend(s: Shape, qtype: str, matvec: str, n_prompt: int, n_decode: int, bandwidth: float,
-                  n_ctx: int = 1024) -> dict[str, Any]:
+                  n_ctx: int = 1024, arch: str = "llama") -> dict[str, Any]:
     rng = np.random.default_rng(0)
-    cfg = {"n_embd": s.n_embd, "n_head": s.n_head, "n_head_kv": s.n_head_kv, "head_dim": s.head_dim,
-           "n_ff": s.n_ff, "n_ctx": n_ctx, "rms_eps": 1e-5, "rope_freq_base": 10000.0, "matvec": matvec}
-    be = _core.cuda.Backend(cfg, n_batch=512)
-    w = layer_weights(s, qtype, rng)  # one host copy, uploaded n_layer times (speed is value-independent)
+    ops = ARCHS[arch]
+    be = _core.cuda.Backend(backend_config(s, matvec, n_ctx, ops), n_batch=512)
+    w = layer_weights(s, qtype, rng, ops)  # one host copy, uploaded n_layer times (speed is value-independent)
     t0 = time.perf_counter()
-    for _ in range(s.n_layer):
-        be.add_layer(w)
+    for layer in range(s.n_layer):
+        if sliding(ops, layer):
+            be.add_layer(w, window=ops.window, rope_table=1)
+        else:
+            be.add_layer(w)
     out = random_matrix(qtype, s.n_vocab, s.n_embd, rng)
     be.set_output(np.ones(s.n_embd, np.float32), out)
     upload_s = time.perf_counter() - t0
@@ -124,7 +173,7 @@ def bench_backend(s: Shape, qtype: str, matvec: str, n_prompt: int, n_decode: in
     kv_read = s.n_layer * 2 * (n_prompt + n_decode // 2) * s.n_head_kv * s.head_dim * 2
     achieved = (model_bytes + kv_read) / t_decode
     return {
-        "shape": s.name, "qtype": qtype, "matvec": matvec, "model_GiB": model_bytes / 2**30,
+        "shape": s.name, "arch": arch, "qtype": qtype, "matvec": matvec, "model_GiB": model_bytes / 2**30,
         "device_GiB": be.device_bytes / 2**30, "upload_s": upload_s,
         f"pp{n_prompt}_tok_s": n_prompt / t_prompt, "tg_tok_s": 1.0 / t_decode,
         "tg_GB_s": achieved / 1e9, "tg_pct_of_copy_bw": 100.0 * achieved / bandwidth,
@@ -207,6 +256,31 @@ def offload_curve(s: Shape, n_prompt: int, n_decode: int, threads: int) -> list[
     return rows
 
 
+def bench_model_files(paths: list[Path], n_prompt: int, n_decode: int, threads: int) -> list[dict[str, Any]]:
+    """Prompt and decode tokens/s of GGUF files with every block and the head on the GPU (n_gpu_layers=-1)."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            m = lowbit.load(path, n_gpu_layers=-1, n_threads=threads, n_ctx=n_prompt + n_decode + 8)
+        except lowbit.LowbitError as e:
+            log.warning("%s: not benchmarked: %s", path, e)
+            continue
+        with m:
+            ids = np.random.default_rng(3).integers(3, m.n_vocab, size=n_prompt + n_decode).astype(np.int32)
+            m.logits(ids[:n_prompt])  # warm-up
+            t0 = time.perf_counter()
+            m.logits(ids[:n_prompt])
+            t_pp = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for i in range(n_decode):
+                m.logits(ids[: n_prompt + i + 1])  # one new token each (prefix reuse)
+            t_tg = (time.perf_counter() - t0) / n_decode
+            rows.append({"model": str(path), "arch": m.config.architecture, "n_layer": m.config.n_layer,
+                         f"pp{n_prompt}_tok_s": n_prompt / t_pp, "tg_tok_s": 1 / t_tg})
+        log.info("%s", rows[-1])
+    return rows
+
+
 def bench_transformers(s: Shape, n_prompt: int, n_decode: int) -> Optional[dict[str, Any]]:
     try:
         import torch
@@ -247,6 +321,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="1.1b,7b")
     p.add_argument("--qtypes", default="Q4_0,NF4")
+    p.add_argument("--archs", default="llama", help=f"blocks of these architectures ({','.join(ARCHS)})")
+    p.add_argument("--models", default="", help="comma-separated GGUF files to time with n_gpu_layers=-1")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--decode", type=int, default=64)
     p.add_argument("--threads", type=int, default=8, help="CPU threads for the partial-offload curve")
@@ -265,14 +341,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"GPU: {dev['name']} ({dev['total_memory'] / 2**30:.0f} GiB); device copy bandwidth "
           f"(read+write) {bw / 1e9:.0f} GB/s")
     results: dict[str, Any] = {"device": dev["name"], "copy_bw_GB_s": bw / 1e9, "backend": [], "curve": {},
-                               "transformers": []}
+                               "transformers": [], "models": []}
+    archs = args.archs.split(",")
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        p.error(f"unknown --archs {unknown}; choose from {list(ARCHS)}")
     for key in args.shapes.split(","):
         s = SHAPES[key]
-        for qtype in args.qtypes.split(","):
+        for arch, qtype in ((a, q) for a in archs for q in args.qtypes.split(",")):
             for matvec in ("int8", "float"):
-                r = bench_backend(s, qtype, matvec, args.prompt, args.decode, bw)
+                r = bench_backend(s, qtype, matvec, args.prompt, args.decode, bw, arch=arch)
                 results["backend"].append(r)
-                print(f"{s.name:18s} {qtype:5s} matvec={matvec:5s} pp{args.prompt} "
+                print(f"{s.name:18s} {arch:6s} {qtype:5s} matvec={matvec:5s} pp{args.prompt} "
                       f"{r[f'pp{args.prompt}_tok_s']:8.0f} tok/s  tg {r['tg_tok_s']:7.1f} tok/s  "
                       f"({r['tg_GB_s']:.0f} GB/s, {r['tg_pct_of_copy_bw']:.0f}% of copy bw)  "
                       f"model {r['model_GiB']:.2f} GiB")
@@ -282,6 +362,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                 results["transformers"].append(t)
                 print(f"{s.name:18s} transformers bf16: pp{args.prompt} {t[f'pp{args.prompt}_tok_s']:8.0f} tok/s  "
                       f"tg {t['tg_tok_s']:7.1f} tok/s")
+    if args.models:
+        results["models"] = bench_model_files([Path(m) for m in args.models.split(",")], args.prompt, args.decode,
+                                              args.threads)
+        for r in results["models"]:
+            print(f"{r['model']} ({r['arch']}, {r['n_layer']} blocks): pp{args.prompt} "
+                  f"{r[f'pp{args.prompt}_tok_s']:8.0f} tok/s  tg {r['tg_tok_s']:7.1f} tok/s")
     if not args.no_curve:
         s = SHAPES["1.1b"]
         rows = offload_curve(s, min(args.prompt, 128), min(args.decode, 16), args.threads)

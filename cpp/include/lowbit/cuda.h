@@ -12,15 +12,25 @@
 //     F32/F16/BF16 weights always use fp32 activations.
 //   * prompt (n_tok >= kGemmMinTokens): weight tiles are dequantized to fp16 in shared memory and multiplied
 //     with fp16 activations on tensor cores (WMMA), fp32 accumulation.
-//   * the KV cache is fp16 (llama.cpp's default -ctk/-ctv f16); attention math is fp32.
-//   * RoPE is llama.cpp's "normal" mode: pairs (x[2i], x[2i+1]), i < rope_dim/2, rotated by
-//     pos * freq_scale * base^(-2i/rope_dim); dims past rope_dim pass through.
+//   * the KV cache is fp16 (llama.cpp's default -ctk/-ctv f16); attention math is fp32. Sliding-window
+//     blocks keep a cache of all n_ctx positions too; their attention only reads the last `window` of them.
+//   * RoPE pairs (x[2i], x[2i+1]) (ggml "normal" mode, RopeMode::Normal) or (x[i], x[i + rope_dim/2]) (ggml
+//     "neox", RopeMode::Neox), i < rope_dim/2, rotated by pos * inv_freq[i] with the angle formed in double,
+//     as the CPU does; dims past rope_dim pass through. inv_freq is one of the model's two tables (global
+//     blocks, sliding-window blocks), linear or YaRN scaling and Llama 3's per-pair factors already in; each
+//     table's cos and sin carry its magnitude (YaRN's attn_factor).
+//   * a block is the CPU's (cpp/src/model.cpp run_layer_cpu) op for op: optional q/k/v biases, per-head q/k
+//     RMSNorm, post-norms of the attention and feed-forward outputs before the residual add (Gemma 3's
+//     sandwich), SiLU or GELU-tanh gating, a query scale of the model's choosing; the head soft-caps logits
+//     where the model says so.
 //
-// Placement rule (for the model's n_gpu_layers): we follow llama.cpp after PR #18148 — the output layer
-// (output_norm + output.weight) is offloaded first, then the LAST N-1 repeating blocks; the token
-// embedding stays on the CPU. The backend only provides the ops; the model decides the placement.
+// Placement (the model's n_gpu_layers, cpp/src/weights.cpp GpuLayers::place): the LAST N blocks, and for
+// N > n_layer or N < 0 the output head (output_norm + output.weight) too; the token embedding (and Gemma's
+// sqrt(n_embd) scaling of it) stays on the CPU. The backend only provides the ops; the model decides the
+// placement.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -58,22 +68,42 @@ struct Matrix {
     int64_t n_cols = 0;  // input features (a multiple of the block size for quantized types)
 };
 
-// One transformer block's weights, host pointers. Norm weights are fp32 vectors of n_embd.
+// One transformer block's weights, host pointers; vectors are fp32. The optional ones are null where the
+// architecture has no such tensor, and the block then skips that op.
 struct LayerWeights {
     const float* attn_norm = nullptr;  // (n_embd)
     Matrix wq;                         // (n_head * head_dim, n_embd)
     Matrix wk;                         // (n_head_kv * head_dim, n_embd)
     Matrix wv;                         // (n_head_kv * head_dim, n_embd)
+    const float* bq = nullptr;         // (n_head * head_dim)     optional: added after the projection
+    const float* bk = nullptr;         // (n_head_kv * head_dim)  optional
+    const float* bv = nullptr;         // (n_head_kv * head_dim)  optional
+    const float* q_norm = nullptr;     // (head_dim)  optional: RMSNorm of every query head before RoPE
+    const float* k_norm = nullptr;     // (head_dim)  optional: same for every key head
     Matrix wo;                         // (n_embd, n_head * head_dim)
+    const float* attn_post_norm = nullptr;  // (n_embd)  optional: RMSNorm of the attention output before the add
     const float* ffn_norm = nullptr;   // (n_embd)
     Matrix w_gate;                     // (n_ff, n_embd)
     Matrix w_up;                       // (n_ff, n_embd)
     Matrix w_down;                     // (n_embd, n_ff)
+    const float* ffn_post_norm = nullptr;   // (n_embd)  optional: RMSNorm of the feed-forward output before the add
 };
 
 enum class MatvecMode : int {
     Int8Act = 0,   // activations -> block_q8_act, integer dot products (the CPU's semantics; default)
     FloatAct = 1,  // weights dequantized on the fly, fp32 activations and accumulation
+};
+
+// Which dims of a head RoPE rotates together (ggml's rope modes, named as ggml names them).
+enum class RopeMode : int {
+    Normal = 0,  // (x[2i], x[2i+1]): llama, whose q/k rows are permuted at conversion
+    Neox = 2,    // (x[i], x[i + rope_dim/2]): HF's rotate_half (qwen2, qwen3, gemma3)
+};
+
+// The feed-forward's gate: act(x @ Wgate) * (x @ Wup).
+enum class GatedAct : int {
+    Silu = 0,      // SwiGLU
+    GeluTanh = 1,  // GEGLU with GELU's tanh approximation (gemma3)
 };
 
 struct BackendConfig {
@@ -84,12 +114,34 @@ struct BackendConfig {
     int head_dim = 0;   // <= 256
     int n_ff = 0;
     int n_ctx = 0;      // KV cache positions per layer
-    float rms_eps = 1e-5f;
+    float rms_eps = 1e-5f;       // of every RMSNorm: pre-norms, q/k head norms, post-norms, the head's norm
+    float attn_scale = 0.0f;     // queries' scale before q.k; 0: 1/sqrt(head_dim)
+    RopeMode rope_mode = RopeMode::Normal;
+    int rope_dim = 0;   // 0: head_dim
+    // RoPE turns pair i of a head at position p by p * rope_inv_freq[table][i] (rope_dim / 2 each), freq_scale
+    // and per-pair factors (Llama 3's rope_freqs.weight) already in. Table 0 serves the blocks added with
+    // rope_table 0, table 1 those with rope_table 1 (the sliding-window blocks, whose base differs). An empty
+    // table 0 is freq_scale * base^(-2i/rope_dim) of the two fields below; an empty table 1 is absent.
+    std::vector<float> rope_inv_freq[2];
+    // Magnitude of each table's cos and sin (YaRN's attn_factor, 1 + 0.1 ln factor on the global table); 1:
+    // a plain rotation.
+    float rope_mscale[2] = {1.0f, 1.0f};
     float rope_freq_base = 10000.0f;
     float rope_freq_scale = 1.0f;
-    int rope_dim = 0;   // 0: head_dim
+    GatedAct act = GatedAct::Silu;
+    float logit_softcap = 0.0f;  // > 0: the head's logits = c * tanh(logits / c)
     MatvecMode matvec = MatvecMode::Int8Act;
 };
+
+// RoPE's per-pair angular frequencies freq_scale * base^(-2i/rope_dim), i < rope_dim / 2, formed in double
+// (as cpp/src/model.cpp forms the model's tables), for configs that give base and scale instead of a table.
+inline std::vector<float> rope_inv_freq(int rope_dim, double freq_base, double freq_scale) {
+    std::vector<float> f(static_cast<size_t>(rope_dim > 0 ? rope_dim / 2 : 0));
+    for (size_t i = 0; i < f.size(); ++i) {
+        f[i] = static_cast<float>(freq_scale * std::pow(freq_base, -2.0 * static_cast<double>(i) / rope_dim));
+    }
+    return f;
+}
 
 // Prompt chunks of at least this many tokens use the tensor-core GEMM; fewer use the matvec kernels.
 constexpr int kGemmMinTokens = 4;
@@ -163,14 +215,24 @@ inline size_t matrix_bytes(const Matrix& m) {
     return detail::round256(static_cast<size_t>(m.n_rows) * device_row_bytes(m.type, m.n_cols));
 }
 
-// Weights + fp16 KV cache (n_ctx positions) of one block on the device.
+// Device bytes of an fp32 vector of n elements, 0 where it is absent (null).
+inline size_t vector_bytes(const float* v, int64_t n) {
+    return v ? detail::round256(static_cast<size_t>(n) * sizeof(float)) : 0;
+}
+
+// Weights + fp16 KV cache (n_ctx positions, sliding-window blocks included) of one block on the device.
 inline size_t estimate_layer_bytes(const BackendConfig& cfg, const LayerWeights& w) {
-    size_t norms = 2 * detail::round256(static_cast<size_t>(cfg.n_embd) * sizeof(float));
+    const int64_t q_dim = static_cast<int64_t>(cfg.n_head) * cfg.head_dim;
+    const int64_t kv_dim = static_cast<int64_t>(cfg.n_head_kv) * cfg.head_dim;
+    size_t vectors = vector_bytes(w.attn_norm, cfg.n_embd) + vector_bytes(w.ffn_norm, cfg.n_embd) +
+                     vector_bytes(w.bq, q_dim) + vector_bytes(w.bk, kv_dim) + vector_bytes(w.bv, kv_dim) +
+                     vector_bytes(w.q_norm, cfg.head_dim) + vector_bytes(w.k_norm, cfg.head_dim) +
+                     vector_bytes(w.attn_post_norm, cfg.n_embd) + vector_bytes(w.ffn_post_norm, cfg.n_embd);
     size_t mats = matrix_bytes(w.wq) + matrix_bytes(w.wk) + matrix_bytes(w.wv) + matrix_bytes(w.wo) +
                   matrix_bytes(w.w_gate) + matrix_bytes(w.w_up) + matrix_bytes(w.w_down);
     // K and V: (n_ctx, n_head_kv * head_dim) fp16 each.
-    size_t kv = 2 * detail::round256(static_cast<size_t>(cfg.n_ctx) * cfg.n_head_kv * cfg.head_dim * 2);
-    return norms + mats + kv;
+    size_t kv = 2 * detail::round256(static_cast<size_t>(cfg.n_ctx) * kv_dim * 2);
+    return vectors + mats + kv;
 }
 
 // Activation buffers for chunks of n_batch tokens (independent of the number of layers).
@@ -187,7 +249,8 @@ inline size_t estimate_scratch_bytes(const BackendConfig& cfg, int n_batch) {
            + 2 * round256(nb * kv_dim * 4)              // k, v
            + 2 * round256(nb * cfg.n_ff * 4)            // gate, up
            + round256(nb * (max_k / 32 + 1) * sizeof(block_q8_act))  // quantized activations
-           + round256(static_cast<size_t>(cfg.head_dim) * 4);       // RoPE inverse frequencies
+           + 2 * round256(static_cast<size_t>(cfg.head_dim) / 2 * 4)  // RoPE inverse frequencies, per table
+           + 2 * round256(nb * cfg.head_dim * 4);                     // cos, sin per position, per table
 }
 
 // The output head: norm + matrix, plus logits for chunks of up to kOutputChunk tokens.
@@ -213,8 +276,10 @@ public:
     Backend& operator=(const Backend&) = delete;
 
     // Uploads one block's weights (once) and allocates its KV cache; returns its index (0, 1, ...).
-    // Shapes are checked against the config. The host memory may be released afterwards.
-    int add_layer(const LayerWeights& w);
+    // Shapes are checked against the config. The host memory may be released afterwards. window > 0: the
+    // block attends only to the last `window` positions, its own included. rope_table: which of
+    // BackendConfig::rope_inv_freq turns its queries and keys.
+    int add_layer(const LayerWeights& w, int window = 0, int rope_table = 0);
     int n_layers() const;
 
     // Runs blocks [first, last) on hidden states x, host (n_tok, n_embd) fp32, in place, for positions
@@ -226,7 +291,8 @@ public:
     void set_output(const float* output_norm, const Matrix& output);
     bool has_output() const;
     int64_t n_vocab() const;  // rows of the output matrix; 0 before set_output
-    // logits (n_tok, n_vocab) = output(rmsnorm(x) * output_norm) for host x (n_tok, n_embd).
+    // logits (n_tok, n_vocab) = output(rmsnorm(x) * output_norm) for host x (n_tok, n_embd), soft-capped
+    // where BackendConfig::logit_softcap > 0.
     void output(const float* x, int n_tok, float* logits);
 
     // Forget cached positions >= n_keep in every block (positions are recomputed by the next forward).
@@ -256,14 +322,19 @@ enum class MatmulPath : int { MatvecInt8 = 0, MatvecFloat = 1, Gemm = 2 };
 void matmul(const Matrix& w, const float* x, int64_t n_tok, float* y, MatmulPath path);
 // y (n_rows, n) = x / sqrt(mean(x^2) + eps) * weight.
 void rmsnorm(const float* x, const float* weight, int64_t n_rows, int64_t n, float eps, float* y);
-// x (n_tok, n_heads, head_dim), in place, token t at position pos0 + t.
-void rope(float* x, int n_tok, int n_heads, int head_dim, int rope_dim, int pos0, float freq_base, float freq_scale);
+// Every row of x (n_rows, n) = x / sqrt(mean(x^2) + eps) * weight (n), in place (the per-head q/k norm).
+void head_norm(float* x, const float* weight, int64_t n_rows, int n, float eps);
+// x (n_tok, n_heads, head_dim), in place, token t at position pos0 + t; inv_freq (rope_dim / 2); cos and sin
+// scaled by mscale.
+void rope(float* x, int n_tok, int n_heads, int head_dim, int rope_dim, int pos0, const float* inv_freq,
+          RopeMode mode, float mscale);
 // q (n_tok, n_head, head_dim) at positions n_past + t; k, v (n_past + n_tok, n_head_kv, head_dim) are
-// stored into an fp16 cache first; out (n_tok, n_head, head_dim). Causal, GQA, scale 1/sqrt(head_dim).
+// stored into an fp16 cache first; out (n_tok, n_head, head_dim). Causal, GQA; window > 0: each query sees
+// only the last `window` positions up to its own; scale 0: 1/sqrt(head_dim).
 void attention(const float* q, const float* k, const float* v, int n_tok, int n_past, int n_head, int n_head_kv,
-               int head_dim, float* out);
-// out = silu(gate) * up, n elements.
-void silu_mul(const float* gate, const float* up, int64_t n, float* out);
+               int head_dim, int window, float scale, float* out);
+// out = act(gate) * up, n elements.
+void gated_act(GatedAct act, const float* gate, const float* up, int64_t n, float* out);
 // Device-to-device copy bandwidth in bytes/s (cudaMemcpy of `bytes`, median of `reps`).
 double copy_bandwidth(size_t bytes, int reps);
 }  // namespace testing

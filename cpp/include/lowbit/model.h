@@ -243,7 +243,6 @@ private:
     std::vector<Layer> layers_;
     std::vector<float> rope_inv_freq_[2];    // (n_rot / 2) per-pair angular frequency, per rope table
     float rope_mscale_[2] = {1.0f, 1.0f};    // cos/sin magnitude per rope table (YaRN)
-    bool has_rope_freq_factors_ = false;     // rope_freqs.weight present
 
     // ---- the blocks on the GPU and the head when head_on_gpu_ (cpp/src/weights.cpp) ----
     std::unique_ptr<GpuLayers> gpu_;
