@@ -71,37 +71,132 @@ void Model::eval(const int32_t* tokens, int n, float* logits, bool all_logits) {
     }
 
     const ModelConfig& c = config_;
-    float* x = x_.data();
+    std::vector<int32_t>& cached = seqs_[0].tokens;
     for (int done = 0; done < n;) {
         const int nc = std::min(params_.n_batch, n - done);
-        const int pos0 = n_past();
-        embed(tokens + done, nc, x);
-        rope_tables(nc, pos0);
-        for (int l = 0; l < c.n_layer;) {
-            if (layers_[l].backend == Backend::kCpu) {
-                run_layer_cpu(layers_[l], x, nc, pos0);
-                ++l;
-                continue;
-            }
-            // A run of GPU blocks goes in one call: the hidden state crosses the bus once each way.
-            int end = l;
-            while (end < c.n_layer && layers_[end].backend == Backend::kCuda) ++end;
-            gpu_->forward(layers_[l].slot, layers_[end - 1].slot + 1, x, nc, pos0);
-            l = end;
+        for (int i = 0; i < nc; ++i) {
+            row_seq_[i] = 0;
+            row_pos_[i] = n_past() + i;
         }
-        auto head = [&](const float* xs, int rows, float* out) {
-            if (head_on_gpu_) gpu_->output(xs, rows, out);
-            else output_head(xs, rows, out);
-        };
+        forward(tokens + done, nc);
         if (all_logits) {
-            head(x, nc, logits + static_cast<int64_t>(done) * c.n_vocab);
+            head(x_.data(), nc, logits + static_cast<int64_t>(done) * c.n_vocab);
         } else if (done + nc == n) {
-            head(x + static_cast<int64_t>(nc - 1) * c.n_embd, 1, logits);
+            head(x_.data() + static_cast<int64_t>(nc - 1) * c.n_embd, 1, logits);
         }
         // Only now is the chunk part of the cache.
-        tokens_.insert(tokens_.end(), tokens + done, tokens + done + nc);
+        cached.insert(cached.end(), tokens + done, tokens + done + nc);
         done += nc;
     }
+}
+
+void Model::eval_batch(const std::vector<SeqTokens>& inputs, float* logits) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (inputs.empty()) throw Error("eval_batch needs at least one input");
+    if (logits == nullptr) throw Error("eval_batch needs an output buffer for the logits");
+    std::vector<bool> seen(seqs_.size(), false);
+    for (const SeqTokens& in : inputs) {
+        if (in.seq < 0 || in.seq >= n_seq()) {
+            throw Error("sequence " + std::to_string(in.seq) + " does not exist (the model holds " +
+                        std::to_string(n_seq()) + "; load with a larger n_seq)");
+        }
+        if (seen[in.seq]) throw Error("sequence " + std::to_string(in.seq) + " appears twice in one eval_batch");
+        seen[in.seq] = true;
+        if (in.n <= 0 || in.tokens == nullptr) throw Error("eval_batch: every input needs at least one token");
+        for (int i = 0; i < in.n; ++i) {
+            if (in.tokens[i] < 0 || in.tokens[i] >= config_.n_vocab) {
+                throw Error("token id " + std::to_string(in.tokens[i]) + " of sequence " + std::to_string(in.seq) +
+                            " is out of range for a vocabulary of " + std::to_string(config_.n_vocab));
+            }
+        }
+        if (static_cast<int64_t>(n_past(in.seq)) + in.n > n_ctx_) {
+            throw Error("the context of sequence " + std::to_string(in.seq) + " is full: " +
+                        std::to_string(n_past(in.seq)) + " cached + " + std::to_string(in.n) + " new tokens > n_ctx " +
+                        std::to_string(n_ctx_));
+        }
+    }
+    if (reader_->file_changed_on_disk()) {
+        throw Error("'" + reader_->path() + "' was replaced or truncated on disk after it was loaded; load it again");
+    }
+
+    // The inputs' rows in order, n_batch at a time; an input may straddle two chunks.
+    const ModelConfig& c = config_;
+    std::vector<int32_t> chunk(params_.n_batch);
+    size_t in_i = 0;
+    int in_done = 0;  // tokens of inputs[in_i] already in an earlier chunk
+    while (in_i < inputs.size()) {
+        int rows = 0, heads = 0;
+        const size_t first_input = in_i;
+        const int first_done = in_done;
+        std::vector<int> last_rows;  // rows of this chunk that end an input, in input order
+        while (rows < params_.n_batch && in_i < inputs.size()) {
+            const SeqTokens& in = inputs[in_i];
+            const int take = std::min(params_.n_batch - rows, in.n - in_done);
+            for (int i = 0; i < take; ++i) {
+                chunk[rows + i] = in.tokens[in_done + i];
+                row_seq_[rows + i] = in.seq;
+                row_pos_[rows + i] = n_past(in.seq) + i;  // its earlier chunks are committed already
+            }
+            rows += take;
+            in_done += take;
+            if (in_done == in.n) {
+                last_rows.push_back(rows - 1);
+                ++in_i;
+                in_done = 0;
+            }
+        }
+        forward(chunk.data(), rows);
+        // The rows that end an input, gathered to the front of x_ (in increasing order, so no row is overwritten
+        // before it is moved), through the head in one matmul.
+        for (int r : last_rows) {
+            if (r != heads) std::memcpy(x_.data() + static_cast<int64_t>(heads) * c.n_embd,
+                                        x_.data() + static_cast<int64_t>(r) * c.n_embd, c.n_embd * sizeof(float));
+            ++heads;
+        }
+        const size_t first_logit = first_input;  // inputs ending here are first_input, first_input + 1, ...
+        if (heads > 0) head(x_.data(), heads, logits + static_cast<int64_t>(first_logit) * c.n_vocab);
+        // Only now are the chunk's rows part of their sequences' caches.
+        for (size_t k = first_input, done = first_done; k < inputs.size() && k <= in_i; ++k, done = 0) {
+            const SeqTokens& in = inputs[k];
+            const int end = k < in_i ? in.n : in_done;
+            std::vector<int32_t>& cached = seqs_[in.seq].tokens;
+            cached.insert(cached.end(), in.tokens + done, in.tokens + end);
+        }
+    }
+}
+
+const Model::Sequence& Model::seq_at(int seq) const {
+    if (seq < 0 || seq >= n_seq()) {
+        throw Error("sequence " + std::to_string(seq) + " does not exist (the model holds " +
+                    std::to_string(n_seq()) + ")");
+    }
+    return seqs_[seq];
+}
+
+// x_ (n, n_embd) = the rows (tokens, row_seq_, row_pos_) through every block.
+void Model::forward(const int32_t* tokens, int n) {
+    const ModelConfig& c = config_;
+    float* x = x_.data();
+    embed(tokens, n, x);
+    rope_tables(n);
+    for (int l = 0; l < c.n_layer;) {
+        if (layers_[l].backend == Backend::kCpu) {
+            run_layer_cpu(layers_[l], x, n);
+            ++l;
+            continue;
+        }
+        // A run of GPU blocks goes in one call: the hidden state crosses the bus once each way. (GPU blocks
+        // hold one sequence: n_seq is 1 whenever there are any.)
+        int end = l;
+        while (end < c.n_layer && layers_[end].backend == Backend::kCuda) ++end;
+        gpu_->forward(layers_[l].slot, layers_[end - 1].slot + 1, x, n, row_pos_[0]);
+        l = end;
+    }
+}
+
+void Model::head(const float* x, int n, float* logits) {
+    if (head_on_gpu_) gpu_->output(x, n, logits);
+    else output_head(x, n, logits);
 }
 
 // x (n, n_embd) = rows of token_embd (times sqrt(n_embd) where the row says so).
@@ -125,11 +220,11 @@ void Model::embed(const int32_t* tokens, int n, float* x) {
     }
 }
 
-// cos/sin of every position of the chunk per rope table, shared by all heads and layers: (n, n_rot/2 pairs).
+// cos/sin of every row's position per rope table, shared by all heads and layers: (n, n_rot/2 pairs).
 // Angles are formed in double: transformers builds them in fp32 and llama.cpp by repeated fp32
 // multiplication, so neither is bit-exact to follow; double keeps us within fp32 rounding of both (HF's
 // LlamaRotaryEmbedding; ggml rope "normal" mode, reference gguf-and-quants.md section 1.6).
-void Model::rope_tables(int n, int pos0) {
+void Model::rope_tables(int n) {
     const int n_rot = config_.n_rot;
     for (int table = 0; table < 2; ++table) {
         const std::vector<float>& inv_freq = rope_inv_freq_[table];
@@ -138,7 +233,7 @@ void Model::rope_tables(int n, int pos0) {
         for (int i = 0; i < n; ++i) {
             float* cs = rope_cs_[table].data() + static_cast<int64_t>(i) * n_rot;
             for (int j = 0; j < n_rot / 2; ++j) {
-                const double theta = static_cast<double>(pos0 + i) * inv_freq[j];
+                const double theta = static_cast<double>(row_pos_[i]) * inv_freq[j];
                 cs[2 * j] = static_cast<float>(std::cos(theta) * mscale);
                 cs[2 * j + 1] = static_cast<float>(std::sin(theta) * mscale);
             }
@@ -148,7 +243,7 @@ void Model::rope_tables(int n, int pos0) {
 
 // One transformer block on the CPU, op for op as cuda/backend.cu's run_layer: x (n, n_embd) in and out.
 // What an architecture adds (biases, head norms, post-norms) is in the Layer; the ops skip what is null.
-void Model::run_layer_cpu(const Layer& L, float* x, int n, int pos0) {
+void Model::run_layer_cpu(const Layer& L, float* x, int n) {
     const ModelConfig& c = config_;
     // Attention: x += attention(rope(norm(x) @ Wq, Wk, Wv)) @ Wo.
     norm(x, L.attn_norm, n, xb_.data());
@@ -157,8 +252,8 @@ void Model::run_layer_cpu(const Layer& L, float* x, int n, int pos0) {
     head_norm(k_.data(), L.k_norm, c.n_head_kv, n);
     rope(q_.data(), c.n_head, L.rope, n);
     rope(k_.data(), c.n_head_kv, L.rope, n);
-    store_kv(L.slot, n, pos0);
-    attention(L.slot, L.window, n, pos0);
+    store_kv(L.slot, n);
+    attention(L.slot, L.window, n);
     matmul_add(L.wo, att_out_.data(), L.attn_post_norm, n, x);
     // Feed-forward: x += (act(norm(x) @ Wgate) * (norm(x) @ Wup)) @ Wdown.
     norm(x, L.ffn_norm, n, xb_.data());
@@ -252,24 +347,32 @@ void Model::rope(float* v, int n_heads, int table, int n) {
     }
 }
 
-// The chunk's keys and values (k_, v_) into the cache of CPU block `slot` at positions pos0 .. pos0+n-1.
-void Model::store_kv(int slot, int n, int pos0) { kv_->store(slot, pos0, n, k_.data(), v_.data()); }
+// The chunk's keys and values (k_, v_) into the cache of CPU block `slot`, each row at its sequence's position
+// (a sequence's rows are consecutive positions: one store per sequence).
+void Model::store_kv(int slot, int n) {
+    const int64_t kv_dim = static_cast<int64_t>(config_.n_head_kv) * config_.head_dim;
+    for (int i = 0; i < n;) {
+        int j = i + 1;
+        while (j < n && row_seq_[j] == row_seq_[i]) ++j;
+        seqs_[row_seq_[i]].kv->store(slot, row_pos_[i], j - i, k_.data() + i * kv_dim, v_.data() + i * kv_dim);
+        i = j;
+    }
+}
 
-// Causal grouped-query attention for the chunk's n tokens (queries q_, keys and values already in the
-// cache of CPU block `slot` at positions 0 .. pos0+n-1) into att_out_ (n, n_head * head_dim). window > 0:
-// each token sees only the last `window` positions up to its own.
-void Model::attention(int slot, int window, int n, int pos0) {
+// Causal grouped-query attention for the chunk's n rows (queries q_, keys and values already in the cache
+// of CPU block `slot` of each row's sequence, up to the row's position) into att_out_ (n, n_head * head_dim).
+// window > 0: each row sees only the last `window` positions up to its own.
+void Model::attention(int slot, int window, int n) {
     const ModelConfig& c = config_;
     const cpu::Kernels& kr = cpu::kernels();
     const int hd = c.head_dim;
     const int64_t q_dim = static_cast<int64_t>(c.n_head) * hd;
     const int group = c.n_head / c.n_head_kv;
     const float scale = c.attn_scale;
-    const size_t row_bytes = kv_->row_bytes();
-    const uint8_t* kc = kv_->k(slot);
-    const uint8_t* vc = kv_->v(slot);
-    const int cap = kv_->capacity(slot);  // position t is in row t % cap (a sliding block's ring)
-    const bool f16 = kv_->f16();
+    const KvCache& kv0 = *seqs_[0].kv;  // every sequence's cache has the same layout
+    const size_t row_bytes = kv0.row_bytes();
+    const int cap = kv0.capacity(slot);  // position t is in row t % cap (a sliding block's ring)
+    const bool f16 = kv0.f16();
     // One item = one query token x one KV head: the `group` query heads that share those keys and values
     // are scored together (dot tiles of up to 4 keys x 4 heads), so each key and value row is read once per
     // group instead of once per head.
@@ -283,9 +386,12 @@ void Model::attention(int slot, int window, int n, int pos0) {
         // ranges would leave the last thread with most of the work.
         for (int64_t item = ith; item < n_items; item += nth) {
             const int i = static_cast<int>(item / c.n_head_kv), g = static_cast<int>(item % c.n_head_kv);
-            const int n_kv = pos0 + i + 1;  // causal: this token sees positions t0 .. pos0+i
+            const int n_kv = row_pos_[i] + 1;  // causal: this row sees positions t0 .. its own
             const int t0 = window > 0 ? std::max(0, n_kv - window) : 0;
-            const size_t off = static_cast<size_t>(g) * hd * kv_->elem_bytes();
+            const KvCache& kv = *seqs_[row_seq_[i]].kv;
+            const uint8_t* kc = kv.k(slot);
+            const uint8_t* vc = kv.v(slot);
+            const size_t off = static_cast<size_t>(g) * hd * kv.elem_bytes();
             const float* q = q_.data() + i * q_dim + static_cast<int64_t>(g) * group * hd;  // (group, hd)
 
             // scores[c * n_ctx + t] = q_c . k_t, over runs of positions whose rows are contiguous in the ring
@@ -364,31 +470,33 @@ void Model::gated_activation(float* gate, const float* up, int64_t count) {
 // ----------------------------------------------------------------------------------------------------
 // the cache interface
 
-int Model::reusable_prefix(int n_keep) const {
-    if (n_keep <= 0 || n_keep > n_past()) return 0;
+int Model::reusable_prefix(int n_keep, int seq) const {
+    const Sequence& s = seq_at(seq);
+    const int past = static_cast<int>(s.tokens.size());
+    if (n_keep <= 0 || n_keep > past) return 0;
     // The next token (position n_keep) of a sliding block reads positions from n_keep - window + 1 on; the
     // ring still holds them if no later position has taken their rows.
     for (const Layer& L : layers_) {
         if (L.backend != Backend::kCpu || L.window == 0) continue;
         const int first_needed = std::max(0, n_keep - L.window + 1);
-        if (n_past() - first_needed > kv_->capacity(L.slot)) return 0;
+        if (past - first_needed > s.kv->capacity(L.slot)) return 0;
     }
     return n_keep;
 }
 
-void Model::truncate(int n_keep) {
+void Model::truncate(int n_keep, int seq) {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (n_keep < 0 || n_keep > n_past()) {
+    if (n_keep < 0 || n_keep > n_past(seq)) {
         throw Error("truncate(" + std::to_string(n_keep) + "): n_keep must be between 0 and n_past (" +
-                    std::to_string(n_past()) + ")");
+                    std::to_string(n_past(seq)) + ")");
     }
-    if (n_keep > 0 && reusable_prefix(n_keep) != n_keep) {
+    if (n_keep > 0 && reusable_prefix(n_keep, seq) != n_keep) {
         throw Error("truncate(" + std::to_string(n_keep) + "): the sliding-window blocks no longer hold the " +
                     "window before position " + std::to_string(n_keep) + " (they keep their last window + n_batch - 1 " +
                     "positions); truncate to 0 and evaluate again");
     }
-    if (gpu_) gpu_->truncate(n_keep);
-    tokens_.resize(n_keep);  // entries past n_keep are simply overwritten by later evals
+    if (gpu_) gpu_->truncate(n_keep);  // (n_seq is 1 with GPU blocks)
+    seqs_[seq].tokens.resize(n_keep);  // entries past n_keep are simply overwritten by later evals
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -454,6 +562,11 @@ std::string supported_architectures() {
 std::unique_ptr<Model> Model::load(const std::string& path, const ModelParams& params) {
     if (params.n_batch < 1) throw Error("n_batch must be >= 1 (got " + std::to_string(params.n_batch) + ")");
     if (params.n_ctx < 0) throw Error("n_ctx must be >= 0 (0: the file's context length, at most 4096)");
+    if (params.n_seq < 1 || params.n_seq > 256) throw Error("n_seq must be between 1 and 256 (got " + std::to_string(params.n_seq) + ")");
+    if (params.n_seq > 1 && params.n_gpu_layers != 0) {
+        throw Error("several sequences (n_seq=" + std::to_string(params.n_seq) + ") run on the CPU only; pass "
+                    "n_gpu_layers=0 or n_seq=1");
+    }
     if (params.n_gpu_layers != 0 && !cuda::compiled()) {
         throw Error("n_gpu_layers=" + std::to_string(params.n_gpu_layers) +
                     " needs a GPU, but this build has no CUDA backend; rebuild with LOWBIT_CUDA=ON "
@@ -712,8 +825,11 @@ void Model::allocate_state() {
         const int64_t rows = L.window > 0 ? static_cast<int64_t>(L.window) + nb - 1 : n_ctx_;
         capacity.push_back(static_cast<int>(std::min<int64_t>(rows, n_ctx_)));
     }
-    kv_ = std::make_unique<KvCache>(capacity, kv_dim, params_.kv_f16);
-    tokens_.reserve(n_ctx_);
+    seqs_.resize(params_.n_seq);
+    for (Sequence& s : seqs_) s.kv = std::make_unique<KvCache>(capacity, kv_dim, params_.kv_f16);
+    seqs_[0].tokens.reserve(n_ctx_);
+    row_seq_.assign(nb, 0);
+    row_pos_.assign(nb, 0);
 
     x_.assign(nb * c.n_embd, 0.0f);
     xb_.assign(nb * c.n_embd, 0.0f);
@@ -741,7 +857,7 @@ MemoryFootprint Model::memory_footprint() const {
     MemoryFootprint f;
     f.weights_mapped = store_->mapped_bytes();
     f.weights_owned = store_->owned_bytes();
-    f.kv_cpu = kv_->bytes();
+    for (const Sequence& s : seqs_) f.kv_cpu += s.kv->bytes();
     size_t floats = x_.size() + xb_.size() + q_.size() + k_.size() + v_.size() + att_out_.size() + hb_.size() +
                     hb2_.size() + att_.size() + rope_cs_[0].size() + rope_cs_[1].size();
     f.scratch_cpu = floats * sizeof(float) + act_scratch_.size();

@@ -62,8 +62,9 @@ void bind_model(py::module_& m) {
     m.attr("END_OF_TURN_TEXTS") = eot;
     py::class_<Model>(m, "Model", "A loaded LLaMA-family GGUF model with its KV cache (see lowbit.Model).")
         .def(py::init([](const std::string& path, int n_ctx, int n_threads, int n_batch, int n_gpu_layers,
-                         bool kv_f16) {
+                         bool kv_f16, int n_seq) {
                  lowbit::ModelParams p;
+                 p.n_seq = n_seq;
                  p.n_ctx = n_ctx;
                  p.n_threads = n_threads;
                  p.n_batch = n_batch;
@@ -73,7 +74,7 @@ void bind_model(py::module_& m) {
                  return Model::load(path, p);
              }),
              py::arg("path"), py::arg("n_ctx") = 0, py::arg("n_threads") = 0, py::arg("n_batch") = 512,
-             py::arg("n_gpu_layers") = 0, py::arg("kv_f16") = false)
+             py::arg("n_gpu_layers") = 0, py::arg("kv_f16") = false, py::arg("n_seq") = 1)
         .def(
             "eval",
             [](Model& self, const IntArray& tokens, bool all_logits) {
@@ -91,17 +92,45 @@ void bind_model(py::module_& m) {
             },
             py::arg("tokens"), py::arg("all_logits") = false,
             "Evaluate tokens after the cached ones; returns the last token's logits (n_vocab,) or all (n, n_vocab).")
-        .def("truncate", &Model::truncate, py::arg("n_keep"), "Drop cached positions >= n_keep.")
-        .def("reusable_prefix", &Model::reusable_prefix, py::arg("n_keep"),
-             "n_keep if truncate(n_keep) can keep that many cached positions, else 0 (sliding-window blocks "
+        .def(
+            "eval_batch",
+            [](Model& self, const std::vector<std::pair<int, IntArray>>& inputs) {
+                std::vector<std::vector<int32_t>> ids;
+                std::vector<lowbit::SeqTokens> ins;
+                ids.reserve(inputs.size());
+                for (const auto& [seq, toks] : inputs) ids.push_back(to_vector(toks));
+                for (size_t k = 0; k < inputs.size(); ++k) {
+                    ins.push_back({inputs[k].first, ids[k].data(), static_cast<int>(ids[k].size())});
+                }
+                py::array_t<float> out({static_cast<py::ssize_t>(inputs.size()),
+                                        static_cast<py::ssize_t>(self.config().n_vocab)});
+                float* dst = out.mutable_data();
+                {
+                    py::gil_scoped_release release;
+                    self.eval_batch(ins, dst);
+                }
+                return out;
+            },
+            py::arg("inputs"),
+            "[(seq, tokens), ...]: each sequence's tokens after its cached ones, all in one pass; returns the last "
+            "token's logits of each input (n_inputs, n_vocab).")
+        .def("truncate", &Model::truncate, py::arg("n_keep"), py::arg("seq") = 0,
+             "Drop a sequence's cached positions >= n_keep.")
+        .def("reusable_prefix", &Model::reusable_prefix, py::arg("n_keep"), py::arg("seq") = 0,
+             "n_keep if truncate(n_keep, seq) can keep that many cached positions, else 0 (sliding-window blocks "
              "keep only their last window + n_batch - 1 positions).")
-        .def_property_readonly("n_past", &Model::n_past)
+        .def("seq_tokens", [](const Model& self, int seq) {
+            const auto& t = self.tokens(seq);
+            return py::array_t<int32_t>(static_cast<py::ssize_t>(t.size()), t.data());
+        }, py::arg("seq"), "The tokens in a sequence's cache.")
+        .def_property_readonly("n_seq", &Model::n_seq)
+        .def_property_readonly("n_past", [](const Model& self) { return self.n_past(); })
         .def_property_readonly("n_ctx", &Model::n_ctx)
         .def_property_readonly("n_vocab", [](const Model& self) { return self.config().n_vocab; })
         .def_property_readonly("n_threads", [](const Model& self) { return self.params().n_threads; })
         .def_property_readonly("path", &Model::path)
         .def_property_readonly("tokens", [](const Model& self) {
-            const auto& t = self.tokens();
+            const auto& t = self.tokens(0);
             return py::array_t<int32_t>(static_cast<py::ssize_t>(t.size()), t.data());
         })
         .def_property_readonly("config", [](const Model& self) { return config_dict(self.config()); })

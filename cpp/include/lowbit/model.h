@@ -100,6 +100,14 @@ struct ModelParams {
     int n_batch = 512;      // tokens evaluated together per chunk of a prompt
     int n_gpu_layers = 0;   // the last N blocks on the GPU (CUDA builds); N > n_layer or < 0 also the head
     bool kv_f16 = false;    // store the KV cache as fp16 instead of fp32
+    int n_seq = 1;          // sequences the KV cache holds (Model::eval_batch); more than 1 runs on the CPU only
+};
+
+// One sequence's new tokens for Model::eval_batch.
+struct SeqTokens {
+    int seq = 0;                      // 0 .. n_seq-1
+    const int32_t* tokens = nullptr;  // appended after the sequence's cached tokens
+    int n = 0;
 };
 
 // Bytes held by the model, per device.
@@ -170,9 +178,10 @@ public:
     const ModelConfig& config() const { return config_; }
     const ModelParams& params() const { return params_; }
     int n_ctx() const { return n_ctx_; }
-    int n_past() const { return static_cast<int>(tokens_.size()); }
-    // The tokens whose keys and values are in the cache, in position order.
-    const std::vector<int32_t>& tokens() const { return tokens_; }
+    int n_seq() const { return static_cast<int>(seqs_.size()); }
+    // Per sequence (default the first): the tokens whose keys and values are in the cache, in position order.
+    int n_past(int seq = 0) const { return static_cast<int>(seq_at(seq).tokens.size()); }
+    const std::vector<int32_t>& tokens(int seq = 0) const { return seq_at(seq).tokens; }
     const std::string& path() const { return reader_->path(); }
     const GGUFReader& reader() const { return *reader_; }
     // GGUFReader::take_metadata on the model's file (the tokenizer takes its keys once, so the vocabulary is
@@ -186,12 +195,17 @@ public:
     // n_batch. logits: (n_vocab) for the last token, or (n, n_vocab) when all_logits. Bad input throws
     // Error before any state changes; the cache only ever holds fully evaluated chunks.
     void eval(const int32_t* tokens, int n, float* logits, bool all_logits);
-    // Drop cache entries at positions >= n_keep (prefix reuse). n_keep > n_past is an error, and so is an
-    // n_keep whose window a sliding-window block no longer holds (see reusable_prefix).
-    void truncate(int n_keep);
-    // n_keep if truncate(n_keep) can keep that many cached positions, else 0: a sliding-window block keeps
-    // only the last window + n_batch - 1 positions, so going back further means evaluating from the start.
-    int reusable_prefix(int n_keep) const;
+    // Several sequences at once (continuous batching): each input's tokens follow its sequence's cached ones,
+    // and all inputs' rows go through each matmul together (the weights are read once per n_batch rows), each
+    // row attending to its own sequence. logits (inputs.size(), n_vocab): the last token of each input. A
+    // sequence appears at most once per call. Bad input throws before any state changes.
+    void eval_batch(const std::vector<SeqTokens>& inputs, float* logits);
+    // Drop a sequence's cache entries at positions >= n_keep (prefix reuse). n_keep > n_past is an error, and
+    // so is an n_keep whose window a sliding-window block no longer holds (see reusable_prefix).
+    void truncate(int n_keep, int seq = 0);
+    // n_keep if truncate(n_keep, seq) can keep that many cached positions, else 0: a sliding-window block
+    // keeps only the last window + n_batch - 1 positions, so going back further means evaluating from the start.
+    int reusable_prefix(int n_keep, int seq = 0) const;
 
     MemoryFootprint memory_footprint() const;
 
@@ -206,10 +220,13 @@ private:
     void load_tensors();
     void allocate_state();
 
-    // ---- the forward pass: one chunk of n <= n_batch tokens at positions pos0.. ----
+    // ---- the forward pass: n <= n_batch rows, row i token tokens[i] of sequence row_seq_[i] at position
+    // row_pos_[i] (one sequence's rows are consecutive positions, in order) ----
+    void forward(const int32_t* tokens, int n);
     void embed(const int32_t* tokens, int n, float* x);
-    void rope_tables(int n, int pos0);
-    void run_layer_cpu(const Layer& L, float* x, int n, int pos0);
+    void rope_tables(int n);
+    void run_layer_cpu(const Layer& L, float* x, int n);
+    void head(const float* x, int n, float* logits);
     void output_head(const float* x, int n, float* logits);
 
     // ---- layer ops of the CPU blocks; n tokens, buffers (n, width) ----
@@ -223,8 +240,8 @@ private:
     void matmul(const WeightView& w, const float* in, int n, float* out);
     void head_norm(float* v, const float* weight, int n_heads, int n);
     void rope(float* v, int n_heads, int table, int n);
-    void store_kv(int slot, int n, int pos0);
-    void attention(int slot, int window, int n, int pos0);
+    void store_kv(int slot, int n);
+    void attention(int slot, int window, int n);
     void matmul_add(const WeightView& w, const float* in, const float* post_norm, int n, float* x);
     void gated_activation(float* gate, const float* up, int64_t count);
 
@@ -248,9 +265,14 @@ private:
     std::unique_ptr<GpuLayers> gpu_;
     bool head_on_gpu_ = false;
 
-    // ---- KV cache of the CPU blocks and the tokens in it ----
-    std::unique_ptr<KvCache> kv_;
-    std::vector<int32_t> tokens_;   // (n_past) the tokens in the cache
+    // ---- per sequence: the KV cache of the CPU blocks and the tokens in it ----
+    struct Sequence {
+        std::unique_ptr<KvCache> kv;
+        std::vector<int32_t> tokens;  // (n_past)
+    };
+    std::vector<Sequence> seqs_;
+    const Sequence& seq_at(int seq) const;
+    std::vector<int> row_seq_, row_pos_;  // (n_batch) the rows of the chunk in flight
 
     // ---- scratch, sized for n_batch tokens ----
     std::vector<float> x_;       // (n_batch, n_embd) residual stream

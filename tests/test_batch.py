@@ -1,0 +1,98 @@
+"""Several sequences in one forward pass (Model.eval_batch, the core of continuous batching): every row attends
+to its own sequence's cache, so each sequence's logits equal those of the same tokens evaluated alone, whatever
+the other sequences, the chunking (n_batch) and the mix of prompt and decode rows.
+
+Oracle: the same file, one sequence at a time (Model.eval, itself tested against transformers and llama.cpp in
+test_model.py / test_architectures.py). Batching changes only which rows share a matmul call; the kernels
+quantize activations row by row, so the results agree to float rounding (1e-4 of the logit scale).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lowbit
+from lowbit import _core
+from model_helpers import N_THREADS, random_ids
+from test_architectures import tiny_gguf
+
+ARCHS = ["llama3", "gemma3"]  # gemma3: sliding-window blocks of 8 positions (rings per sequence)
+
+
+def _alone(path, prompts, steps, n_batch):
+    """Per sequence: logits of its prompt's last token, then of each decode token, evaluated alone."""
+    out = []
+    for prompt, toks in zip(prompts, steps):
+        m = _core.Model(str(path), n_ctx=128, n_threads=N_THREADS, n_batch=n_batch)
+        rows = [m.eval(prompt)]
+        rows += [m.eval(np.asarray([t], dtype=np.int32)) for t in toks]
+        out.append(np.stack(rows))
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("n_batch", [7, 64])
+def test_batched_sequences_equal_each_alone(arch, n_batch):
+    path = tiny_gguf(arch, "f32")
+    prompts = [random_ids(n, 400, seed=10 + n) for n in (5, 23, 12)]
+    steps = [random_ids(6, 400, seed=40 + k) for k in range(3)]
+    want = _alone(path, prompts, steps, n_batch)
+    m = _core.Model(str(path), n_ctx=128, n_threads=N_THREADS, n_batch=n_batch, n_seq=4)
+    assert m.n_seq == 4
+    got = [[] for _ in prompts]
+    # Sequence 2's prompt arrives late: it is processed while 0 and 1 decode (chunked prefill beside decode).
+    first = m.eval_batch([(0, prompts[0]), (1, prompts[1])])
+    got[0].append(first[0])
+    got[1].append(first[1])
+    for step in range(6):
+        inputs = [(0, steps[0][step:step + 1]), (1, steps[1][step:step + 1])]
+        if step == 2:
+            inputs.insert(1, (2, prompts[2]))
+        elif step > 2:
+            inputs.append((2, steps[2][step - 3:step - 2]))
+        logits = m.eval_batch(inputs)
+        for (seq, _), row in zip(inputs, logits):
+            got[seq].append(row)
+    for seq in range(3):
+        ours = np.stack(got[seq])
+        ref = want[seq][: len(ours)]
+        assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max(), (arch, n_batch, seq)
+        assert m.seq_tokens(seq).tolist() == np.concatenate(
+            [prompts[seq], steps[seq][: len(ours) - 1]]).tolist()
+    assert m.seq_tokens(3).size == 0
+
+
+def test_sequences_truncate_and_reuse_independently():
+    path = tiny_gguf("gemma3", "f32")
+    a, b = random_ids(40, 400, seed=1), random_ids(20, 400, seed=2)
+    m = _core.Model(str(path), n_ctx=64, n_threads=N_THREADS, n_batch=16, n_seq=2)
+    m.eval_batch([(0, a), (1, b)])
+    m.truncate(18, seq=1)  # within the sliding blocks' ring: reusable
+    assert m.reusable_prefix(18, seq=1) == 18 and m.seq_tokens(0).size == 40
+    got = m.eval_batch([(1, b[18:])])[0]
+    ref = _core.Model(str(path), n_ctx=64, n_threads=N_THREADS, n_batch=16).eval(b)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert m.reusable_prefix(2, seq=0) == 0  # 40 positions went through its ring of 8 + 16 - 1 rows
+
+
+def test_bad_batches_change_nothing():
+    path = tiny_gguf("llama3", "f32")
+    m = _core.Model(str(path), n_ctx=16, n_threads=N_THREADS, n_batch=8, n_seq=2)
+    m.eval_batch([(0, random_ids(4, 400, seed=1))])
+    bad = [
+        ([(2, random_ids(2, 400))], "sequence 2 does not exist"),
+        ([(0, random_ids(2, 400)), (0, random_ids(2, 400))], "appears twice"),
+        ([(1, np.asarray([100000], dtype=np.int32))], "out of range"),
+        ([(1, random_ids(3, 400)), (0, random_ids(13, 400))], "context of sequence 0 is full"),
+        ([], "at least one input"),
+    ]
+    for inputs, message in bad:
+        with pytest.raises(lowbit.LowbitError, match=message):
+            m.eval_batch(inputs)
+        assert m.seq_tokens(0).size == 4 and m.seq_tokens(1).size == 0
+    with pytest.raises(lowbit.LowbitError, match="sequence 5 does not exist"):
+        m.truncate(0, seq=5)
+    with pytest.raises(lowbit.LowbitError, match="n_seq"):
+        _core.Model(str(path), n_seq=0)
+    with pytest.raises(lowbit.LowbitError, match="run on the CPU only"):
+        _core.Model(str(path), n_seq=2, n_gpu_layers=1)
