@@ -96,3 +96,59 @@ def test_bad_batches_change_nothing():
         _core.Model(str(path), n_seq=0)
     with pytest.raises(lowbit.LowbitError, match="run on the CPU only"):
         _core.Model(str(path), n_seq=2, n_gpu_layers=1)
+
+
+# ---- the Python batch engine ---------------------------------------------------------------------------
+
+
+def _engine(arch: str = "llama3", **kw):
+    return lowbit.BatchEngine(tiny_gguf(arch, "f32"), n_ctx=128, n_threads=N_THREADS, **kw)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_engine_requests_equal_generate_alone(arch):
+    """Six requests on three sequences (three wait in the queue), prompts read 5 tokens per step beside the
+    others' decoding: each request's tokens equal Model.generate_tokens on the prompt alone, greedy and
+    sampled with its seed."""
+    prompts = [random_ids(n, 400, seed=n) for n in (3, 17, 9, 30, 5, 12)]
+    kinds = [dict(temperature=0.0), dict(temperature=0.8, seed=7)] * 3
+    with _engine(arch, n_seq=3, prefill_chunk=5) as eng:
+        reqs = [eng.submit(p, max_new_tokens=6 + i, stop_at_eos=False, **k)
+                for i, (p, k) in enumerate(zip(prompts, kinds))]
+        assert eng.queued == 6
+        eng.step()
+        assert eng.running == 3 and eng.queued == 3
+        eng.run()
+    with lowbit.load(tiny_gguf(arch, "f32"), n_ctx=128, n_threads=N_THREADS) as m:
+        for i, (p, k, r) in enumerate(zip(prompts, kinds, reqs)):
+            assert r.finish_reason == "length" and len(r.tokens) == 6 + i
+            assert r.tokens == m.generate_tokens(p, max_new_tokens=6 + i, stop_at_eos=False, **k), i
+
+
+def test_engine_cancel_and_prefix_reuse():
+    a = random_ids(20, 400, seed=3)
+    with _engine(n_seq=2, prefill_chunk=64) as eng:
+        first = eng.submit(a, max_new_tokens=5, temperature=0.0, stop_at_eos=False)
+        other = eng.submit(random_ids(8, 400, seed=4), max_new_tokens=50, temperature=0.0, stop_at_eos=False)
+        eng.run([first])
+        eng.cancel(other)
+        assert other.finish_reason == "cancelled" and eng.running == 0
+        # A follow-up turn: the first request's prompt and reply plus new tokens reuse its cached tokens.
+        turn2 = np.concatenate([a, np.asarray(first.tokens, dtype=np.int32), random_ids(4, 400, seed=5)])
+        second = eng.submit(turn2, max_new_tokens=6, temperature=0.0, stop_at_eos=False)
+        eng.run()
+        assert second.reused_tokens == a.size + len(first.tokens) - 1  # the last one was never evaluated
+    with lowbit.load(tiny_gguf("llama3", "f32"), n_ctx=128, n_threads=N_THREADS) as m:
+        assert second.tokens == m.generate_tokens(turn2, max_new_tokens=6, temperature=0.0, stop_at_eos=False)
+
+
+def test_engine_bad_requests():
+    with _engine(n_seq=2) as eng:
+        with pytest.raises(lowbit.LowbitError, match="more than the context"):
+            eng.submit(random_ids(200, 400), max_new_tokens=4)
+        with pytest.raises(lowbit.LowbitError, match="max_new_tokens must be >= 0"):
+            eng.submit([1, 2], max_new_tokens=-1)
+        assert not eng.busy
+        full = eng.submit(random_ids(125, 400), max_new_tokens=50, temperature=0.0, stop_at_eos=False)
+        eng.run()
+        assert full.finish_reason == "length" and len(full.tokens) == 128 - 125 + 1

@@ -24,6 +24,7 @@ _LAZY = {
     "GGUFWriter": ".gguf",
     "GGUFValueType": ".gguf",
     "load": ".model",
+    "BatchEngine": ".batch",
     "Model": ".model",
     "convert": ".converter",
     "quantize_file": ".converter",
@@ -53,6 +54,7 @@ __all__ = [
     "GGUFValueType",
     "load",
     "Model",
+    "BatchEngine",
     "convert",
     "quantize_file",
 ]

@@ -117,7 +117,8 @@ class Model:
     """A loaded model. Prefer lowbit.load(...)."""
 
     def __init__(self, path: Union[str, os.PathLike], n_ctx: int = 0, n_threads: Optional[int] = None,
-                 n_gpu_layers: int = 0, seed: Optional[int] = None, n_batch: int = 512, kv_f16: bool = False) -> None:
+                 n_gpu_layers: int = 0, seed: Optional[int] = None, n_batch: int = 512, kv_f16: bool = False,
+                 n_seq: int = 1) -> None:
         self._core: Optional[_core.Model] = None
         path = Path(path)
         if not path.exists():
@@ -125,7 +126,7 @@ class Model:
         if path.is_dir():
             raise LowbitError(f"'{path}' is a directory; pass a .gguf file (convert a Hugging Face folder first "
                               "with `lowbit convert`)")
-        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_gpu_layers", n_gpu_layers)):
+        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_gpu_layers", n_gpu_layers), ("n_seq", n_seq)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise LowbitError(f"{name} must be an integer, got {value!r}")
         if n_threads is None:
@@ -139,7 +140,7 @@ class Model:
         self.n_threads = int(n_threads)
         t0 = time.perf_counter()
         self._core = _core.Model(str(path), n_ctx=int(n_ctx), n_threads=int(n_threads), n_batch=int(n_batch),
-                                 n_gpu_layers=int(n_gpu_layers), kv_f16=bool(kv_f16))
+                                 n_gpu_layers=int(n_gpu_layers), kv_f16=bool(kv_f16), n_seq=int(n_seq))
         self._config = ModelConfig.from_dict(self._core.config)
         self._tokenizer = None
         self._tokenizer_error: Optional[Exception] = None
@@ -307,6 +308,11 @@ class Model:
         add_bos = not (bos and text.startswith(bos))
         ids = self.tokenize(text, add_bos=add_bos, special=True)
         return self.generate(ids, **gen_kwargs)
+
+    def prepare(self, prompt: Prompt, max_new_tokens: int, sampling: SamplingParams, seed: Optional[int],
+                stop: Union[str, Sequence[str], None] = None, add_bos: bool = True):
+        """(prompt ids, sampler, stop strings) as generate() checks and builds them (for lowbit.batch)."""
+        return self._prepare(prompt, max_new_tokens, sampling, seed, stop, add_bos)
 
     def _prepare(self, prompt: Prompt, max_new_tokens: int, sampling: SamplingParams, seed: Optional[int],
                  stop: Union[str, Sequence[str], None], add_bos: bool):
