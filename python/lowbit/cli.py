@@ -265,6 +265,28 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .server import create_app
+    except ImportError as e:
+        raise lowbit.LowbitError(f"`lowbit serve` needs the server extra ({e}); pip install 'lowbit[server]'") from None
+    from .batch import BatchEngine
+
+    if args.n_gpu_layers != 0 and args.parallel > 1:
+        raise lowbit.LowbitError("--parallel > 1 runs on the CPU only for now; pass -ngl 0 or --parallel 1")
+    path = _model_path(args)
+    engine = BatchEngine(path, n_seq=args.parallel, n_ctx=args.ctx_size, n_threads=args.threads,
+                         n_batch=args.batch_size)
+    app = create_app(engine, model_name=Path(path).name, api_key=args.api_key, max_queue=args.max_queue)
+    print(f"lowbit: serving {Path(path).name} on http://{args.host}:{args.port}/v1 ({args.parallel} sequences)",
+          file=sys.stderr, flush=True)
+    # uvicorn handles SIGTERM/SIGINT: it stops accepting, lets running requests finish, then shuts down.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -322,6 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-gen", type=int, default=64)
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("-np", "--parallel", type=int, default=4, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a sequence (503 past it)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("perplexity", help="perplexity over a text file (windows of n_ctx, second half scored)")
     _add_model_args(p)

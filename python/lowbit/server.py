@@ -1,0 +1,401 @@
+"""`lowbit serve`: an OpenAI-compatible HTTP server over lowbit.BatchEngine (continuous batching).
+
+POST /v1/completions and /v1/chat/completions (streamed as server-sent events or not), GET /v1/models,
+/health and /metrics (Prometheus text). FastAPI + uvicorn, pydantic for the request bodies (the `server`
+extra: pip install "lowbit[server]").
+
+One worker thread owns the engine and steps it while any request runs; HTTP handlers hand it requests through
+a queue and receive tokens through asyncio queues. A request whose client hangs up is cancelled at once, which
+frees its sequence for the next step. Requests beyond --parallel wait in a bounded queue (503 past it).
+"""
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from ._core import LowbitError
+from .batch import BatchEngine, Request
+from .chat import render_chat
+from .model import _stop_holdback
+
+log = logging.getLogger("lowbit.server")
+
+
+# ---- the engine's thread ------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Job:
+    """One HTTP request's generation: its engine request and the asyncio queue its tokens go to."""
+
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    submit: dict
+    req: Optional[Request] = None
+    error: Optional[Exception] = None
+    submitted: threading.Event = field(default_factory=threading.Event)
+
+    def push(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+class Worker:
+    """Steps the engine on its own thread. submit/cancel are safe from any thread."""
+
+    def __init__(self, engine: BatchEngine, max_queue: int):
+        self.engine = engine
+        self.max_queue = max_queue
+        self._cmds: queue.Queue = queue.Queue()
+        self._jobs: dict[int, _Job] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lowbit-engine", daemon=True)
+        self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0, "cancelled": 0}
+        self._recent: list[tuple[float, int]] = []  # (time, tokens) of recent steps, for tokens/s
+        self._thread.start()
+
+    def pending(self) -> int:
+        return self._cmds.qsize() + self.engine.queued
+
+    def submit(self, job: _Job) -> None:
+        self._cmds.put(("submit", job))
+
+    def cancel(self, job: _Job) -> None:
+        self._cmds.put(("cancel", job))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._cmds.put(("stop", None))
+        self._thread.join(timeout=30)
+
+    def tokens_per_second(self, horizon: float = 10.0) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in self._recent if now - t <= horizon]
+        self._recent = recent
+        if len(recent) < 2:
+            return 0.0
+        return sum(n for _, n in recent[1:]) / max(1e-9, recent[-1][0] - recent[0][0])
+
+    def _command(self, kind: str, job: Optional[_Job]) -> None:
+        if kind == "submit":
+            try:
+                job.req = self.engine.submit(**job.submit)
+                self._jobs[job.req.id] = job
+                self.stats["requests"] += 1
+                self.stats["prompt_tokens"] += int(job.req.prompt.size)
+            except Exception as e:  # noqa: BLE001 - reported to the request's handler
+                job.error = e
+                self.stats["errors"] += 1
+            job.submitted.set()
+            job.push(("submitted", None))
+            if job.req is not None and job.req.done:  # max_tokens 0
+                self._jobs.pop(job.req.id, None)
+                job.push(("done", job.req.finish_reason))
+        elif kind == "cancel" and job.req is not None and not job.req.done:
+            self.engine.cancel(job.req)
+            self.stats["cancelled"] += 1
+            self._jobs.pop(job.req.id, None)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                # Block only when there is nothing to step.
+                kind, job = self._cmds.get(timeout=None if not self.engine.busy else 0)
+                self._command(kind, job)
+                continue
+            except queue.Empty:
+                pass
+            try:
+                events = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - a failed step ends the requests in it, not the server
+                log.exception("engine step failed")
+                for job in list(self._jobs.values()):
+                    self.engine.cancel(job.req)
+                    job.push(("error", str(e)))
+                self._jobs.clear()
+                continue
+            self._recent.append((time.monotonic(), len(events)))
+            for req, token in events:
+                job = self._jobs.get(req.id)
+                if job is not None:
+                    self.stats["completion_tokens"] += 1
+                    job.push(("token", token))
+            for rid, job in list(self._jobs.items()):
+                if job.req.done:
+                    del self._jobs[rid]
+                    job.push(("done", job.req.finish_reason))
+
+
+# ---- request bodies (OpenAI's fields; unknown ones are accepted and ignored, as OpenAI clients send many) --
+
+
+def _models():
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class StreamOptions(BaseModel):
+        include_usage: bool = False
+
+    class Common(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        model: Optional[str] = None
+        max_tokens: Optional[int] = Field(default=None)
+        max_completion_tokens: Optional[int] = None
+        temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+        top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+        stop: Union[str, list[str], None] = None
+        seed: Optional[int] = None
+        stream: bool = False
+        stream_options: Optional[StreamOptions] = None
+        n: int = 1
+
+    class CompletionRequest(Common):
+        prompt: Union[str, list[int]]
+
+    class Message(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        role: Literal["system", "user", "assistant", "tool", "developer"]
+        content: Union[str, list[dict[str, Any]], None] = None
+
+    class ChatRequest(Common):
+        messages: list[Message] = Field(min_length=1)
+
+    return CompletionRequest, ChatRequest
+
+
+# ---- the app ------------------------------------------------------------------------------------------
+
+
+def create_app(engine: BatchEngine, model_name: str, api_key: Optional[str] = None, max_queue: int = 64):
+    from fastapi import FastAPI, Request as HttpRequest
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    CompletionRequest, ChatRequest = _models()
+    worker = Worker(engine, max_queue)
+    app = FastAPI(title="lowbit", docs_url=None, redoc_url=None)
+    app.state.worker = worker
+    created = int(time.time())
+
+    def error(status: int, message: str, kind: str = "invalid_request_error", param: Optional[str] = None):
+        return JSONResponse(status_code=status,
+                            content={"error": {"message": message, "type": kind, "param": param, "code": None}})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: HttpRequest, exc: RequestValidationError):
+        parts = []
+        for e in exc.errors():
+            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+        return error(400, "; ".join(parts) or "invalid request body")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: HttpRequest, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error(exc.status_code, str(exc.detail), kind)
+
+    @app.middleware("http")
+    async def _auth(request: HttpRequest, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return error(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error")
+        return await call_next(request)
+
+    @app.on_event("shutdown")
+    def _shutdown() -> None:
+        worker.stop()
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "lowbit"}]}
+
+    @app.get("/metrics")
+    def metrics():
+        s = worker.stats
+        lines = [
+            "# TYPE lowbit_requests_total counter", f"lowbit_requests_total {s['requests']}",
+            "# TYPE lowbit_request_errors_total counter", f"lowbit_request_errors_total {s['errors']}",
+            "# TYPE lowbit_requests_cancelled_total counter", f"lowbit_requests_cancelled_total {s['cancelled']}",
+            "# TYPE lowbit_prompt_tokens_total counter", f"lowbit_prompt_tokens_total {s['prompt_tokens']}",
+            "# TYPE lowbit_completion_tokens_total counter",
+            f"lowbit_completion_tokens_total {s['completion_tokens']}",
+            "# TYPE lowbit_queue_length gauge", f"lowbit_queue_length {worker.pending()}",
+            "# TYPE lowbit_slots_in_use gauge", f"lowbit_slots_in_use {engine.running}",
+            "# TYPE lowbit_slots gauge", f"lowbit_slots {engine.n_seq}",
+            "# TYPE lowbit_tokens_per_second gauge", f"lowbit_tokens_per_second {worker.tokens_per_second():.3f}",
+        ]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    def sampling(body) -> tuple[dict, list[str]]:
+        if body.n != 1:
+            raise LowbitError("n: only n = 1 is supported")
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is None:
+            max_tokens = 16 if isinstance(body, CompletionRequest) else engine.model.n_ctx
+        if max_tokens <= 0:
+            raise LowbitError(f"max_tokens must be at least 1, got {max_tokens}")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        return dict(max_new_tokens=int(max_tokens), temperature=body.temperature, top_p=body.top_p, top_k=0,
+                    min_p=0.0, seed=body.seed), [s for s in stops if s]
+
+    async def run(http: HttpRequest, prompt, kw: dict, add_bos: bool, stops: list[str], usage: dict):
+        """Submit, then the text pieces as they come: yields ("text", str) and finally ("done", reason);
+        usage gets the token counts when it ends."""
+        if worker.pending() >= max_queue:
+            raise _Busy()
+        job = _Job(asyncio.get_running_loop(), asyncio.Queue(), dict(prompt=prompt, add_bos=add_bos, **kw))
+        worker.submit(job)
+        kind, _ = await job.out.get()  # ("submitted", None)
+        if job.error is not None:
+            raise job.error
+        tokens: list[int] = []
+        sent = 0
+        try:
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(job.out.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return
+                    continue
+                if kind == "error":
+                    raise LowbitError(f"generation failed: {value}")
+                if kind == "done":
+                    text = engine.model.detokenize(tokens)
+                    if sent < len(text):
+                        yield "text", text[sent:]
+                    yield "done", value
+                    return
+                tokens.append(value)
+                text = engine.model.detokenize(tokens)
+                cut = min((text.find(s) for s in stops if s in text), default=-1)
+                if cut >= 0:  # a stop string: the text up to it, and the request ends
+                    if sent < cut:
+                        yield "text", text[sent:cut]
+                    yield "done", "stop"
+                    return
+                # Hold back an incomplete UTF-8 character and what may still become a stop string.
+                end = len(text) - (1 if text.endswith("\ufffd") else 0)
+                end -= _stop_holdback(text[:end], stops)
+                if end > sent:
+                    yield "text", text[sent:end]
+                    sent = end
+        finally:
+            if job.req is not None and not job.req.done:
+                worker.cancel(job)
+            p = int(job.req.prompt.size) if job.req is not None else 0
+            usage.update(prompt_tokens=p, completion_tokens=len(tokens), total_tokens=p + len(tokens))
+
+    def chat_prompt(body) -> list[int]:
+        msgs = []
+        for m in body.messages:
+            content = m.content
+            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+                if any(part.get("type") != "text" for part in content):
+                    raise LowbitError("messages: only text content parts are supported")
+                content = "".join(str(part.get("text", "")) for part in content)
+            msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+        model = engine.model
+        tok = model.tokenizer
+        bos = tok.tokens[tok.bos_id] if tok.bos_id is not None else ""
+        eos = tok.tokens[tok.eos_id] if tok.eos_id is not None else ""
+        text = render_chat(msgs, model._chat_template, bos_token=bos, eos_token=eos)
+        add_bos = not (bos and text.startswith(bos))
+        return model.tokenize(text, add_bos=add_bos, special=True)
+
+    async def respond(http: HttpRequest, body, chat: bool):
+        try:
+            kw, stops = sampling(body)
+            prompt = chat_prompt(body) if chat else body.prompt
+        except LowbitError as e:
+            return error(400, str(e))
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        obj = "chat.completion" if chat else "text_completion"
+        now = int(time.time())
+        counts: dict = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        gen = run(http, prompt, kw, True, stops, counts)
+        try:
+            first = await gen.__anext__()
+        except _Busy:
+            return error(503, f"the server is busy ({max_queue} requests waiting); retry later", "server_error")
+        except LowbitError as e:
+            return error(400, str(e))
+        except StopAsyncIteration:
+            first = None
+
+        if not body.stream:
+            text, reason = "", None
+            item = first
+            while item is not None:
+                if item[0] == "text":
+                    text += item[1]
+                else:
+                    reason = item[1]
+                try:
+                    item = await gen.__anext__()
+                except StopAsyncIteration:
+                    item = None
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+                      if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
+            return {"id": rid, "object": obj, "created": now, "model": model_name, "choices": [choice],
+                    "usage": counts}
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(delta_or_text: Any, reason: Optional[str]) -> str:
+            if chat:
+                c = {"index": 0, "delta": delta_or_text, "finish_reason": reason}
+                o = "chat.completion.chunk"
+            else:
+                c = {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": reason}
+                o = "text_completion"
+            return "data: " + json.dumps({"id": rid, "object": o, "created": now, "model": model_name,
+                                          "choices": [c]}) + "\n\n"
+
+        async def events():
+            try:
+                if chat:
+                    yield chunk({"role": "assistant", "content": ""}, None)
+                item = first
+                while item is not None:
+                    if item[0] == "text":
+                        yield chunk({"content": item[1]} if chat else item[1], None)
+                    else:
+                        yield chunk({} if chat else "", item[1])
+                    try:
+                        item = await gen.__anext__()
+                    except StopAsyncIteration:
+                        item = None
+                if include_usage:
+                    yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk" if chat else obj,
+                                                 "created": now, "model": model_name, "choices": [],
+                                                 "usage": counts}) + "\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                await gen.aclose()  # a client that hung up: the request is cancelled now
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(http: HttpRequest, body: CompletionRequest):
+        return await respond(http, body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HttpRequest, body: ChatRequest):
+        return await respond(http, body, chat=True)
+
+    return app
+
+
+class _Busy(Exception):
+    pass

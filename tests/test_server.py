@@ -1,0 +1,200 @@
+"""`lowbit serve` through the real `openai` client: a server started on a free loopback port over a tiny model,
+chat and completions, streamed and not, equal to the library's generate()/chat() at temperature 0, alone and
+with concurrent clients; every bad input gets an OpenAI-style 4xx body; a client that hangs up frees its
+sequence; --api-key is enforced."""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+import lowbit
+from model_helpers import N_THREADS
+from test_architectures import tiny_gguf
+
+openai = pytest.importorskip("openai", reason="the server tests need the openai client (the test extra)")
+pytest.importorskip("fastapi", reason="the server tests need fastapi and uvicorn (the server extra)")
+
+KEY = "test-key"
+PROMPTS = ["Once upon a time", "The capital of France", "def fibonacci(n):", "Hello, world!", "In 1969, 3",
+           "She sells sea shells"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    path = tiny_gguf("llama3", "f32")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lowbit", "serve", "-m", str(path), "--port", str(port),
+                             "--parallel", "3", "-c", "2048", "-t", str(N_THREADS), "--api-key", KEY,
+                             "--max-queue", "32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except (urllib.error.URLError, ConnectionError, OSError):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {proc.stdout.read()}")
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError("the server did not come up in 30 s")
+    yield base, path
+    proc.terminate()  # SIGTERM: uvicorn drains, shuts down, then ends the process with the signal it got
+    assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def local(server):
+    with lowbit.load(server[1], n_ctx=2048, n_threads=N_THREADS) as m:
+        yield m
+
+
+def _client(base: str, key: str = KEY):
+    return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def test_models_and_health(server):
+    models = _client(server[0]).models.list()
+    assert [m.id for m in models.data] == [server[1].name]
+
+
+def test_completion_equals_generate(server, local):
+    c = _client(server[0])
+    for prompt in PROMPTS[:3]:
+        r = c.completions.create(model="x", prompt=prompt, max_tokens=12, temperature=0)
+        want = local.generate(prompt, max_new_tokens=12, temperature=0.0)
+        assert r.choices[0].text == want
+        assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens == len(local.tokenize(prompt))
+
+
+def test_chat_equals_chat_streamed_or_not(server, local):
+    c = _client(server[0])
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital?"}]
+    want = local.chat(msgs, max_new_tokens=16, temperature=0.0)
+    r = c.chat.completions.create(model="x", messages=msgs, max_tokens=16, temperature=0)
+    assert r.choices[0].message.content == want and r.choices[0].message.role == "assistant"
+    pieces, usage, reasons = [], None, []
+    for ch in c.chat.completions.create(model="x", messages=msgs, max_tokens=16, temperature=0, stream=True,
+                                        stream_options={"include_usage": True}):
+        if ch.usage is not None:
+            usage = ch.usage
+        for choice in ch.choices:
+            pieces.append(choice.delta.content or "")
+            reasons.append(choice.finish_reason)
+    assert "".join(pieces) == want
+    assert reasons[-1] in ("stop", "length") and usage is not None and usage.completion_tokens > 0
+
+
+def test_stop_strings_end_the_text(server, local):
+    c = _client(server[0])
+    full = local.generate(PROMPTS[0], max_new_tokens=20, temperature=0.0)
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    r = c.completions.create(model="x", prompt=PROMPTS[0], max_tokens=20, temperature=0, stop=[stop])
+    assert r.choices[0].text == full[: full.find(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_concurrent_clients_get_their_own_answers(server, local):
+    """Eight clients at once on three sequences (five queue): each text equals generate() alone."""
+    want = {p: local.generate(p, max_new_tokens=10, temperature=0.0) for p in PROMPTS}
+    got, errors = {}, []
+
+    def ask(prompt: str, stream: bool) -> None:
+        try:
+            c = _client(server[0])
+            if stream:
+                text = "".join(ch.choices[0].text for ch in c.completions.create(
+                    model="x", prompt=prompt, max_tokens=10, temperature=0, stream=True) if ch.choices)
+            else:
+                text = c.completions.create(model="x", prompt=prompt, max_tokens=10, temperature=0).choices[0].text
+            got[(prompt, stream)] = text
+        except Exception as e:  # noqa: BLE001 - collected and reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(p, k % 2 == 0)) for k, p in enumerate(PROMPTS + PROMPTS[:2])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for (prompt, _), text in got.items():
+        assert text == want[prompt], prompt
+
+
+def _post(base: str, path: str, body: bytes, key: str = KEY):
+    req = urllib.request.Request(base + path, data=body, method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("path, body, status, words", [
+    ("/v1/completions", b"{not json", 400, "JSON"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": "many"}', 400, "max_tokens"),
+    ("/v1/completions", b'{"prompt": "hi", "max_tokens": 0}', 400, "max_tokens"),
+    ("/v1/completions", b'{"prompt": "hi", "temperature": 7}', 400, "temperature"),
+    ("/v1/completions", b'{"max_tokens": 4}', 400, "prompt"),
+    ("/v1/chat/completions", b'{"messages": []}', 400, "messages"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, "role"),
+    ("/v1/completions", json.dumps({"prompt": "word " * 3000, "max_tokens": 4}).encode(), 400, "context"),
+    ("/v1/completions", b'{"prompt": [1, 2, 99999], "max_tokens": 4}', 400, "outside the vocabulary"),
+    ("/v1/nothing", b"{}", 404, "Not Found"),
+])
+def test_bad_requests_get_openai_errors(server, path, body, status, words):
+    code, payload = _post(server[0], path, body)
+    assert code == status, payload
+    assert set(payload) == {"error"} and words.lower() in payload["error"]["message"].lower(), payload
+    assert payload["error"]["type"]
+
+
+def test_api_key_is_required(server):
+    code, payload = _post(server[0], "/v1/completions", b'{"prompt": "hi"}', key="wrong")
+    assert code == 401 and payload["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        _client(server[0], key="wrong").models.list()
+
+
+def _metric(base: str, name: str) -> float:
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} missing from /metrics")
+
+
+def test_hang_up_frees_the_sequence(server):
+    base = server[0]
+    port = int(base.rsplit(":", 1)[1])
+    # 1900 tokens keep the sequence busy for seconds: freed within half a second means cancelled.
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1900, "temperature": 0, "stream": True})
+    cancelled = _metric(base, "lowbit_requests_cancelled_total")
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
+    assert b"data:" in s.recv(4096)  # streaming has begun
+    assert _metric(base, "lowbit_slots_in_use") >= 1
+    s.close()
+    for _ in range(10):
+        if _metric(base, "lowbit_slots_in_use") == 0:
+            break
+        time.sleep(0.05)
+    assert _metric(base, "lowbit_slots_in_use") == 0
+    assert _metric(base, "lowbit_requests_cancelled_total") == cancelled + 1
