@@ -28,6 +28,9 @@ from ._core import LowbitError
 from .model import Model, Prompt, SamplingParams, _common_prefix
 
 
+_NO_HISTORY = np.zeros(0, dtype=np.int32)
+
+
 @dataclass(eq=False)
 class Request:
     """One generation. tokens grows as the engine samples; finish_reason is set when it ends: "stop" (an
@@ -38,6 +41,7 @@ class Request:
     max_new_tokens: int
     stop_at_eos: bool
     repeat_last_n: int
+    repeat_penalty: float = 1.0
     tokens: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
     reused_tokens: int = 0          # prompt tokens found in the sequence's cache
@@ -82,7 +86,7 @@ class BatchEngine:
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
         ids, sampler, _ = self.model.prepare(prompt, max_new_tokens, sampling, seed, None, add_bos)
         req = Request(next(self._ids), ids, int(max_new_tokens), bool(stop_at_eos), int(repeat_last_n),
-                      _sampler=sampler, _engine=self)
+                      float(repeat_penalty), _sampler=sampler, _engine=self)
         if req.max_new_tokens == 0:
             req.finish_reason = "length"
         else:
@@ -159,17 +163,21 @@ class BatchEngine:
                 req._fed += chunk.size
                 if req._fed < req.prompt.size:
                     continue  # more prompt to read: nothing to sample yet
-            history = np.concatenate([req.prompt, np.asarray(req.tokens, dtype=np.int32)])
-            window = req.repeat_last_n
-            recent = history if window < 0 else history[-window:] if window else history[:0]
-            token = int(req._sampler.sample(row, np.ascontiguousarray(recent, dtype=np.int32)))
+            window = req.repeat_last_n if req.repeat_penalty != 1.0 else 0  # no penalty: no history needed
+            if window:
+                history = np.concatenate([req.prompt, np.asarray(req.tokens, dtype=np.int32)])
+                recent = np.ascontiguousarray(history if window < 0 else history[-window:])
+            else:
+                recent = _NO_HISTORY
+            token = int(req._sampler.sample(row, recent))
             if req.stop_at_eos and token in self._eog:
                 self._finish(req, "stop")
                 continue
             req.tokens.append(token)
             events.append((req, token))
             # As generate(): the last token is sampled, not evaluated; a full context ends the request.
-            if len(req.tokens) >= req.max_new_tokens or self._core.seq_tokens(seq).size >= self.model.n_ctx:
+            cached = req.prompt.size + len(req.tokens) - 1  # the prompt and every token but this one
+            if len(req.tokens) >= req.max_new_tokens or cached >= self.model.n_ctx:
                 self._finish(req, "length")
         return events
 
