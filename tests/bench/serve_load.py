@@ -19,6 +19,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -45,7 +46,9 @@ def start(engine: str, path: Path, threads: int, parallel: int, n_ctx: int) -> t
     else:
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--port", str(port), "--host",
                "127.0.0.1", "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The server's log goes to a file: an unread pipe fills up and stalls a verbose server.
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -54,7 +57,8 @@ def start(engine: str, path: Path, threads: int, parallel: int, n_ctx: int) -> t
                 return proc, base
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"{engine} server exited: {proc.stderr.read()[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"{engine} server exited: {log.read()[-2000:]}")
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"{engine} server did not come up")
