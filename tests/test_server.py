@@ -39,7 +39,7 @@ def server():
     path = tiny_gguf("llama3", "f32")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lowbit", "serve", "-m", str(path), "--port", str(port),
-                             "--parallel", "3", "-c", "2048", "-t", str(N_THREADS), "--api-key", KEY,
+                             "--parallel", "3", "-c", "16384", "-t", str(N_THREADS), "--api-key", KEY,
                              "--max-queue", "32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -154,7 +154,7 @@ def _post(base: str, path: str, body: bytes, key: str = KEY):
     ("/v1/completions", b'{"max_tokens": 4}', 400, "prompt"),
     ("/v1/chat/completions", b'{"messages": []}', 400, "messages"),
     ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, "role"),
-    ("/v1/completions", json.dumps({"prompt": "word " * 3000, "max_tokens": 4}).encode(), 400, "context"),
+    ("/v1/completions", json.dumps({"prompt": "word " * 20000, "max_tokens": 4}).encode(), 400, "context"),
     ("/v1/completions", b'{"prompt": [1, 2, 99999], "max_tokens": 4}', 400, "outside the vocabulary"),
     ("/v1/nothing", b"{}", 404, "Not Found"),
 ])
@@ -183,8 +183,10 @@ def _metric(base: str, name: str) -> float:
 def test_hang_up_frees_the_sequence(server):
     base = server[0]
     port = int(base.rsplit(":", 1)[1])
-    # 1900 tokens keep the sequence busy for seconds: freed within half a second means cancelled.
-    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1900, "temperature": 0, "stream": True})
+    # 16,000 tokens keep the sequence busy for seconds even on this tiny model: freed within half a second
+    # means cancelled (and the cancellation counter says so).
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 16000, "temperature": 0, "stream": True,
+                       "ignore_eos": True})
     cancelled = _metric(base, "lowbit_requests_cancelled_total")
     s = socket.create_connection(("127.0.0.1", port))
     s.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"

@@ -152,6 +152,7 @@ def _models():
         stream: bool = False
         stream_options: Optional[StreamOptions] = None
         n: int = 1
+        ignore_eos: bool = False  # llama.cpp server's extension: generate past end-of-generation tokens
 
     class CompletionRequest(Common):
         prompt: Union[str, list[int]]
@@ -246,7 +247,7 @@ def create_app(engine: BatchEngine, model_name: str, api_key: Optional[str] = No
             raise LowbitError(f"max_tokens must be at least 1, got {max_tokens}")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         return dict(max_new_tokens=int(max_tokens), temperature=body.temperature, top_p=body.top_p, top_k=0,
-                    min_p=0.0, seed=body.seed), [s for s in stops if s]
+                    min_p=0.0, seed=body.seed, stop_at_eos=not body.ignore_eos), [s for s in stops if s]
 
     async def run(http: HttpRequest, prompt, kw: dict, add_bos: bool, stops: list[str], usage: dict):
         """Submit, then the text pieces as they come: yields ("text", str) and finally ("done", reason);
