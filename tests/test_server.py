@@ -204,3 +204,47 @@ def test_hang_up_frees_the_sequence(server):
         time.sleep(0.05)
     assert _metric(base, "lowbit_slots_in_use") == 0
     assert _metric(base, "lowbit_requests_cancelled_total") == cancelled + 1
+
+
+def test_queue_is_bounded_and_sigterm_drains():
+    """One sequence and room for one waiting request: with three requests at once the third gets 503 and an
+    OpenAI error body; a request in flight when SIGTERM arrives still completes."""
+    path = tiny_gguf("llama3", "f32")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lowbit", "serve", "-m", str(path), "--port", str(port),
+                             "--parallel", "1", "--max-queue", "1", "-c", "8192", "-t", str(N_THREADS)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        long_body = json.dumps({"prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0,
+                                "ignore_eos": True}).encode()
+        results: dict = {}
+
+        def ask(k: int) -> None:
+            results[k] = _post(base, "/v1/completions", long_body)
+
+        first = threading.Thread(target=ask, args=(0,))
+        first.start()
+        while _metric(base, "lowbit_slots_in_use") < 1:
+            time.sleep(0.01)
+        second = threading.Thread(target=ask, args=(1,))
+        second.start()
+        while _metric(base, "lowbit_queue_length") < 1:
+            time.sleep(0.01)
+        code, payload = _post(base, "/v1/completions", long_body)
+        assert code == 503 and payload["error"]["type"] == "server_error", payload
+        proc.terminate()  # both accepted requests are still answered
+        first.join(120)
+        second.join(120)
+        assert results[0][0] == 200 and results[0][1]["usage"]["completion_tokens"] == 3000
+        assert results[1][0] == 200 and results[1][1]["usage"]["completion_tokens"] == 3000
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
