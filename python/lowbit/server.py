@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 from ._core import LowbitError
@@ -39,7 +39,6 @@ class _Job:
     submit: dict
     req: Optional[Request] = None
     error: Optional[Exception] = None
-    submitted: threading.Event = field(default_factory=threading.Event)
 
     def push(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -91,7 +90,6 @@ class Worker:
             except Exception as e:  # noqa: BLE001 - reported to the request's handler
                 job.error = e
                 self.stats["errors"] += 1
-            job.submitted.set()
             job.push(("submitted", None))
             if job.req is not None and job.req.done:  # max_tokens 0
                 self._jobs.pop(job.req.id, None)
