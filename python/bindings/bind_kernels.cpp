@@ -223,22 +223,20 @@ void bind_kernels(py::module_& m) {
         cpu::kernels().rmsnorm(out.mutable_data(), x.data(), weight.data(), x.shape(0), eps);
         return out;
     }, py::arg("x"), py::arg("weight"), py::arg("eps"));
-    m.def("silu_mul", [](const FloatArray& gate, const FloatArray& up) {
-        if (gate.ndim() != 1 || up.ndim() != 1 || gate.shape(0) != up.shape(0)) {
-            throw Error("silu_mul: gate and up must be 1-D of the same length");
-        }
-        py::array_t<float> out(gate.shape(0));
-        cpu::kernels().silu_mul(out.mutable_data(), gate.data(), up.data(), gate.shape(0));
-        return out;
-    }, py::arg("gate"), py::arg("up"));
-    m.def("gelu_mul", [](const FloatArray& gate, const FloatArray& up) {
-        if (gate.ndim() != 1 || up.ndim() != 1 || gate.shape(0) != up.shape(0)) {
-            throw Error("gelu_mul: gate and up must be 1-D of the same length");
-        }
-        py::array_t<float> out(gate.shape(0));
-        cpu::kernels().gelu_mul(out.mutable_data(), gate.data(), up.data(), gate.shape(0));
-        return out;
-    }, py::arg("gate"), py::arg("up"));
+    // act(gate) * up through the active table's gated-activation kernel (Kernels::silu_mul, ::gelu_mul).
+    using GatedFn = void (*cpu::Kernels::*)(float*, const float*, const float*, int64_t);
+    auto gated = [&m](const char* name, GatedFn fn) {
+        m.def(name, [name, fn](const FloatArray& gate, const FloatArray& up) {
+            if (gate.ndim() != 1 || up.ndim() != 1 || gate.shape(0) != up.shape(0)) {
+                throw Error(std::string(name) + ": gate and up must be 1-D of the same length");
+            }
+            py::array_t<float> out(gate.shape(0));
+            (cpu::kernels().*fn)(out.mutable_data(), gate.data(), up.data(), gate.shape(0));
+            return out;
+        }, py::arg("gate"), py::arg("up"));
+    };
+    gated("silu_mul", &cpu::Kernels::silu_mul);
+    gated("gelu_mul", &cpu::Kernels::gelu_mul);
     m.def("dot_f32", [](const FloatArray& a, const FloatArray& b) {
         if (a.ndim() != 1 || b.ndim() != 1 || a.shape(0) != b.shape(0)) throw Error("dot_f32: need two 1-D arrays of one length");
         return cpu::kernels().dot_f32_f32(a.data(), b.data(), a.shape(0));

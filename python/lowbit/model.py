@@ -299,6 +299,12 @@ class Model:
         """Render messages with the file's chat template (see lowbit.chat) and generate the assistant's reply.
         template_kwargs: extra template variables, e.g. {"enable_thinking": False} for Qwen3. Accepts generate()'s
         keyword arguments (stream=True too)."""
+        return self.generate(self.chat_ids(messages, template_kwargs), **gen_kwargs)
+
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]],
+                 template_kwargs: Optional[Mapping[str, Any]] = None) -> list[int]:
+        """The token ids chat() generates from: messages rendered with the file's chat template, tokenized with
+        special tokens (and BOS unless the template already writes it)."""
         tok = self.tokenizer
         bos = tok.tokens[tok.bos_id] if tok.bos_id is not None else ""
         eos = tok.tokens[tok.eos_id] if tok.eos_id is not None else ""
@@ -306,8 +312,7 @@ class Model:
                            template_kwargs=template_kwargs)
         # A template that writes BOS itself must not get a second one.
         add_bos = not (bos and text.startswith(bos))
-        ids = self.tokenize(text, add_bos=add_bos, special=True)
-        return self.generate(ids, **gen_kwargs)
+        return self.tokenize(text, add_bos=add_bos, special=True)
 
     def prepare(self, prompt: Prompt, max_new_tokens: int, sampling: SamplingParams, seed: Optional[int],
                 stop: Union[str, Sequence[str], None] = None, add_bos: bool = True):

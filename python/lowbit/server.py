@@ -21,7 +21,6 @@ from typing import Any, Literal, Optional, Union
 
 from ._core import LowbitError
 from .batch import BatchEngine, Request
-from .chat import render_chat
 from .model import _stop_holdback
 
 log = logging.getLogger("lowbit.server")
@@ -304,13 +303,7 @@ def create_app(engine: BatchEngine, model_name: str, api_key: Optional[str] = No
                     raise LowbitError("messages: only text content parts are supported")
                 content = "".join(str(part.get("text", "")) for part in content)
             msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
-        model = engine.model
-        tok = model.tokenizer
-        bos = tok.tokens[tok.bos_id] if tok.bos_id is not None else ""
-        eos = tok.tokens[tok.eos_id] if tok.eos_id is not None else ""
-        text = render_chat(msgs, model._chat_template, bos_token=bos, eos_token=eos)
-        add_bos = not (bos and text.startswith(bos))
-        return model.tokenize(text, add_bos=add_bos, special=True)
+        return engine.model.chat_ids(msgs)
 
     async def respond(http: HttpRequest, body, chat: bool):
         try:
