@@ -106,6 +106,16 @@ void Sampler::prepare(const float* logits, int n_vocab, const int32_t* history, 
 }
 
 int32_t Sampler::sample(const float* logits, int n_vocab, const int32_t* history, int n_history) {
+    const bool penalty = params_.repeat_penalty != 1.0f && n_history > 0 && params_.repeat_last_n != 0;
+    if (params_.temperature <= 0.0f && !penalty && n_vocab > 0) {
+        // Greedy without penalties: the first maximum, read straight from the logits (what prepare() would
+        // leave as its single candidate, without building the candidate list).
+        int32_t best = 0;
+        for (int i = 1; i < n_vocab; ++i) {
+            if (logits[i] > logits[best]) best = i;
+        }
+        return best;
+    }
     prepare(logits, n_vocab, history, n_history);
     if (cand_.size() == 1) return cand_[0].second;
     float max_l = -INFINITY;

@@ -183,6 +183,7 @@ void bind_model(py::module_& m) {
             [](Sampler& self, const FloatArray& logits, const IntArray& history) {
                 if (logits.ndim() != 1) throw lowbit::Error("logits must be 1-D (n_vocab,)");
                 std::vector<int32_t> h = to_vector(history);
+                py::gil_scoped_release release;  // a 262k-entry vocabulary: let the server's other threads run
                 return self.sample(logits.data(), static_cast<int>(logits.size()), h.data(), static_cast<int>(h.size()));
             },
             py::arg("logits"), py::arg("history") = IntArray(0))
