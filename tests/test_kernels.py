@@ -299,6 +299,25 @@ def test_layer_ops(isa, n):
     np.testing.assert_allclose(_core.axpy_f32(x, 0.37, g), ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("nh,hd,n", [(1, 64, 1), (3, 64, 37), (4, 128, 300), (5, 256, 9), (7, 80, 20), (2, 24, 5)])
+def test_weighted_rows(isa, dtype, nh, hd, n):
+    """Attention's probability-weighted sum of value rows (Kernels::weighted_rows) against float64 numpy: every
+    head tile (1-4 heads and more), head sizes that are and are not multiples of 16, fp16 and f32 rows."""
+    rng = np.random.default_rng(nh * 1000 + n)
+    _core.set_isa(isa)
+    out = rng.standard_normal((nh, hd)).astype(np.float32)
+    p = rng.random((nh, n)).astype(np.float32)
+    p /= p.sum(axis=1, keepdims=True)
+    rows = (rng.standard_normal((n, hd)) * 4).astype(dtype)
+    ref = out.astype(np.float64) + p.astype(np.float64) @ rows.astype(np.float64)
+    got = _core.weighted_rows(out, p, rows)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(lowbit.LowbitError, match="weighted_rows"):
+        _core.weighted_rows(out, p[:, :-1], rows)
+
+
 def test_matmul_errors():
     with pytest.raises(lowbit.LowbitError, match="multiple of the weight block size"):
         _core.matmul(int(QType.Q4_0), b"\0" * 18, 1, 48, np.zeros(48, np.float32))

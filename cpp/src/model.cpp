@@ -380,8 +380,7 @@ void Model::attention(int slot, int window, int n) {
     const cpu::DotTileFn score_tile = kr.at(f16 ? QType::F16 : QType::F32).dot;
 
     pool_->run([&](int ith, int nth) {
-        float* scores = att_.data() + static_cast<size_t>(ith) * (static_cast<size_t>(group) * n_ctx_ + hd);
-        float* vrow = scores + static_cast<size_t>(group) * n_ctx_;  // (head_dim)
+        float* scores = att_.data() + static_cast<size_t>(ith) * static_cast<size_t>(group) * n_ctx_;
         // Items interleave over the threads: with a causal mask later tokens cost more, so contiguous
         // ranges would leave the last thread with most of the work.
         for (int64_t item = ith; item < n_items; item += nth) {
@@ -410,7 +409,6 @@ void Model::attention(int slot, int window, int n) {
                 }
                 run = run_end;
             }
-            float inv_sum[64];  // group <= 64 (checked at load)
             for (int cg = 0; cg < group; ++cg) {
                 float* sc = scores + static_cast<size_t>(cg) * n_ctx_;
                 float max_score = -INFINITY;
@@ -427,27 +425,19 @@ void Model::attention(int slot, int window, int n) {
                         sum += sc[t];
                     }
                 }
-                inv_sum[cg] = 1.0f / sum;
+                const float inv_sum = 1.0f / sum;
+                for (int t = t0; t < n_kv; ++t) sc[t] *= inv_sum;  // probabilities
                 float* out = att_out_.data() + i * q_dim + static_cast<int64_t>(g * group + cg) * hd;
                 std::fill(out, out + hd, 0.0f);
             }
+            // out (group, hd) = probabilities @ values, over the same contiguous runs of ring rows.
             float* out0 = att_out_.data() + i * q_dim + static_cast<int64_t>(g) * group * hd;
-            for (int t = t0, row = t0 % cap; t < n_kv; ++t, row = row + 1 == cap ? 0 : row + 1) {
-                const uint8_t* vsrc = vc + static_cast<size_t>(row) * row_bytes + off;
-                const float* v = reinterpret_cast<const float*>(vsrc);
-                if (f16 && !kr.axpy_f16) {
-                    row_to_f32(QType::F16, vsrc, vrow, hd);
-                    v = vrow;
-                }
-                for (int cg = 0; cg < group; ++cg) {
-                    const float p = scores[static_cast<size_t>(cg) * n_ctx_ + t] * inv_sum[cg];
-                    float* out = out0 + static_cast<int64_t>(cg) * hd;
-                    if (f16 && kr.axpy_f16) {  // the cache rows are 2-byte aligned (owned, even offsets)
-                        kr.axpy_f16(out, p, reinterpret_cast<const uint16_t*>(vsrc), hd);
-                    } else {
-                        kr.axpy_f32(out, p, v, hd);
-                    }
-                }
+            for (int run = t0; run < n_kv;) {
+                const int row0 = run % cap;
+                const int run_end = std::min(n_kv, run + (cap - row0));
+                kr.weighted_rows(out0, group, hd, scores + run, static_cast<size_t>(n_ctx_),
+                                 vc + static_cast<size_t>(row0) * row_bytes + off, row_bytes, run_end - run, f16);
+                run = run_end;
             }
         }
     });
@@ -839,9 +829,8 @@ void Model::allocate_state() {
     att_out_.assign(nb * q_dim, 0.0f);
     hb_.assign(nb * c.n_ff, 0.0f);
     hb2_.assign(nb * c.n_ff, 0.0f);
-    // Per thread: the scores of one query token's heads that share a KV head, and a value row.
-    att_.assign(static_cast<size_t>(pool_->size()) * (static_cast<size_t>(c.n_head / c.n_head_kv) * n_ctx_ + c.head_dim),
-                0.0f);
+    // Per thread: the scores of one query token's heads that share a KV head.
+    att_.assign(static_cast<size_t>(pool_->size()) * static_cast<size_t>(c.n_head / c.n_head_kv) * n_ctx_, 0.0f);
     for (int table = 0; table < 2; ++table) {
         if (!rope_inv_freq_[table].empty()) rope_cs_[table].assign(nb * c.n_rot, 0.0f);
     }

@@ -248,4 +248,20 @@ void bind_kernels(py::module_& m) {
         cpu::kernels().axpy_f32(out.mutable_data(), a, x.data(), x.shape(0));
         return out;
     }, "Returns y + a * x (y is not modified).", py::arg("y"), py::arg("a"), py::arg("x"));
+    m.def("weighted_rows", [](const FloatArray& out, const FloatArray& p, const py::array& rows) {
+        // out (nh, hd) + p (nh, n) @ rows (n, hd), rows float32 or float16, through Kernels::weighted_rows.
+        if (out.ndim() != 2 || p.ndim() != 2 || rows.ndim() != 2 || p.shape(0) != out.shape(0) ||
+            rows.shape(0) != p.shape(1) || rows.shape(1) != out.shape(1)) {
+            throw Error("weighted_rows: need out (nh, hd), p (nh, n), rows (n, hd)");
+        }
+        const bool f16 = rows.dtype().is(py::dtype("float16"));
+        if (!f16 && !rows.dtype().is(py::dtype::of<float>())) throw Error("weighted_rows: rows must be float32 or float16");
+        if (!(rows.flags() & py::array::c_style)) throw Error("weighted_rows: rows must be C-contiguous");
+        py::array_t<float> res({out.shape(0), out.shape(1)});
+        std::copy(out.data(), out.data() + out.size(), res.mutable_data());
+        cpu::kernels().weighted_rows(res.mutable_data(), static_cast<int>(out.shape(0)), static_cast<int>(out.shape(1)),
+                                     p.data(), static_cast<size_t>(p.shape(1)), rows.data(),
+                                     static_cast<size_t>(rows.strides(0)), rows.shape(0), f16);
+        return res;
+    }, "out + p @ rows (out is not modified), rows float32 or float16.", py::arg("out"), py::arg("p"), py::arg("rows"));
 }

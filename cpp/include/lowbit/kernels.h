@@ -69,6 +69,12 @@ struct Kernels {
     // gelu(gate) * up with GELU's tanh approximation (Gemma), written as gate / (1 + exp(-2u)),
     // u = sqrt(2/pi) (gate + 0.044715 gate^3). Null in an ISA's table: the generic one serves.
     void (*gelu_mul)(float* out, const float* gate, const float* up, int64_t n) = nullptr;
+    // Attention's probability-weighted sum of value rows for nh query heads that share them:
+    //   out[h * hd + d] += sum_{t < n} p[h * p_stride + t] * row_t[d],  h < nh, d < hd,
+    // row_t at rows + t * row_stride bytes, float32 elements or (f16) fp16 ones. Null in an ISA's table: the
+    // generic one serves.
+    void (*weighted_rows)(float* out, int nh, int hd, const float* p, size_t p_stride, const void* rows,
+                          size_t row_stride, int64_t n, bool f16) = nullptr;
     // Per tensor type, indexed by qtype_index (registry order, lowbit/qtypes.def).
     TypeOps ops[kNumQTypes] = {};
 

@@ -152,10 +152,35 @@ void axpy_f32_generic(float* y, float a, const float* x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+void weighted_rows_generic(float* out, int nh, int hd, const float* p, size_t p_stride, const void* rows,
+                           size_t row_stride, int64_t n, bool f16) {
+    for (int64_t t = 0; t < n; ++t) {
+        const uint8_t* row = static_cast<const uint8_t*>(rows) + t * row_stride;
+        for (int h = 0; h < nh; ++h) {
+            const float w = p[h * p_stride + t];
+            float* o = out + static_cast<int64_t>(h) * hd;
+            if (f16) {
+                for (int d = 0; d < hd; ++d) {
+                    uint16_t v;
+                    std::memcpy(&v, row + 2 * d, 2);
+                    o[d] += w * half_to_float(v);
+                }
+            } else {
+                for (int d = 0; d < hd; ++d) {
+                    float v;
+                    std::memcpy(&v, row + 4 * d, 4);
+                    o[d] += w * v;
+                }
+            }
+        }
+    }
+}
+
 constexpr Kernels make_generic_table() {
     Kernels t{Isa::Generic, "generic", quantize_act_generic, rmsnorm_generic, silu_mul_generic, dot_f32_f32_generic,
               axpy_f32_generic};
     t.gelu_mul = gelu_mul_generic;
+    t.weighted_rows = weighted_rows_generic;
     t.at(QType::Q4_0).dot = dot_quant_generic<GenQ4_0>;
     t.at(QType::Q4_1).dot = dot_quant_generic<GenQ4_1>;
     t.at(QType::Q8_0).dot = dot_quant_generic<GenQ8_0>;
