@@ -113,6 +113,45 @@ def _stop_holdback(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
+class _TextStream:
+    """The text of generated tokens as it becomes final: held back while it ends in an incomplete UTF-8
+    character or in a proper prefix of a stop string; ends at the first stop string (not included). Only the
+    text not yet released is kept, so a long generation costs linear time."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]):
+        self._decoder = tokenizer.stream_decoder()
+        self._stops = [s for s in stops if s]
+        self._pending = ""  # decoded, not yet released
+        self.stopped = False
+
+    def feed(self, token: int) -> str:
+        """Text released by one more token ("" while held back or after a stop string)."""
+        if self.stopped:
+            return ""
+        self._pending += self._decoder.feed(token)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The rest of the text once generation has ended."""
+        if self.stopped:
+            return ""
+        self._pending += self._decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        text = self._pending
+        if self._stops:
+            # A stop string never straddles released text: its beginning would have been held back.
+            hits = [i for i in (text.find(s) for s in self._stops) if i >= 0]
+            if hits:
+                self.stopped = True
+                self._pending = ""
+                return text[:min(hits)]
+        safe = len(text) if final or not self._stops else len(text) - _stop_holdback(text, self._stops)
+        self._pending = text[safe:]
+        return text[:safe]
+
+
 class Model:
     """A loaded model. Prefer lowbit.load(...)."""
 
@@ -418,29 +457,16 @@ class Model:
         in a prefix of a stop string."""
         self._acquire()
         try:
-            decoder = self.tokenizer.stream_decoder()
-            text = ""  # everything decoded so far; text[:emitted] has been yielded
-            emitted = 0
-            longest_stop = max((len(s) for s in stops), default=0)
+            text = _TextStream(self.tokenizer, stops)
             for token in self._tokens(prompt, max_new_tokens, sampler, window):
-                text += decoder.feed(token)
-                if stops:
-                    start = max(0, emitted - longest_stop)
-                    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-                    if hits:
-                        cut = min(hits)
-                        if cut > emitted:
-                            yield text[emitted:cut]
-                        return
-                    safe = len(text) - _stop_holdback(text, stops)
-                else:
-                    safe = len(text)
-                if safe > emitted:
-                    yield text[emitted:safe]
-                    emitted = safe
-            text += decoder.flush()
-            if len(text) > emitted:
-                yield text[emitted:]
+                piece = text.feed(token)
+                if piece:
+                    yield piece
+                if text.stopped:
+                    return
+            piece = text.finish()
+            if piece:
+                yield piece
         finally:
             self._release()
 

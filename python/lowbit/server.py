@@ -10,6 +10,7 @@ frees its sequence for the next step. Requests beyond --parallel wait in a bound
 """
 
 import asyncio
+import hmac
 import json
 import logging
 import queue
@@ -21,7 +22,7 @@ from typing import Any, Literal, Optional, Union
 
 from ._core import LowbitError
 from .batch import BatchEngine, Request
-from .model import _stop_holdback
+from .model import _TextStream
 
 log = logging.getLogger("lowbit.server")
 
@@ -39,8 +40,13 @@ class _Job:
     req: Optional[Request] = None
     error: Optional[Exception] = None
 
-    def push(self, item: Any) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+    def push(self, *items: tuple) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, list(items))
+
+
+def _deliver(batches: list) -> None:
+    for job, items in batches:
+        job.out.put_nowait(items)
 
 
 class Worker:
@@ -117,15 +123,22 @@ class Worker:
                 self._jobs.clear()
                 continue
             self._recent.append((time.monotonic(), len(events)))
+            # One wake-up of each event loop per step, carrying every job's tokens of the step.
+            out: dict[_Job, list] = {}
             for req, token in events:
                 job = self._jobs.get(req.id)
                 if job is not None:
                     self.stats["completion_tokens"] += 1
-                    job.push(("token", token))
+                    out.setdefault(job, []).append(("token", token))
             for rid, job in list(self._jobs.items()):
                 if job.req.done:
                     del self._jobs[rid]
-                    job.push(("done", job.req.finish_reason))
+                    out.setdefault(job, []).append(("done", job.req.finish_reason))
+            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+            for job, items in out.items():
+                by_loop.setdefault(job.loop, []).append((job, items))
+            for loop, batches in by_loop.items():
+                loop.call_soon_threadsafe(_deliver, batches)
 
 
 # ---- request bodies (OpenAI's fields; unknown ones are accepted and ignored, as OpenAI clients send many) --
@@ -197,12 +210,10 @@ def create_app(engine: BatchEngine, model_name: str, api_key: Optional[str] = No
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error(exc.status_code, str(exc.detail), kind)
 
-    @app.middleware("http")
-    async def _auth(request: HttpRequest, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error")
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_ApiKey, key=api_key,
+                           refuse=lambda: error(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                                "authentication_error"))
 
     @app.on_event("shutdown")
     def _shutdown() -> None:
@@ -253,46 +264,47 @@ def create_app(engine: BatchEngine, model_name: str, api_key: Optional[str] = No
             raise _Busy()
         job = _Job(asyncio.get_running_loop(), asyncio.Queue(), dict(prompt=prompt, add_bos=add_bos, **kw))
         worker.submit(job)
-        kind, _ = await job.out.get()  # ("submitted", None)
+        await job.out.get()  # [("submitted", None)]
         if job.error is not None:
             raise job.error
-        tokens: list[int] = []
-        sent = 0
+
+        async def watch() -> None:  # a client that hangs up, even while its request waits in the queue
+            while not await http.is_disconnected():
+                await asyncio.sleep(0.5)
+            job.out.put_nowait([("hangup", None)])
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        text = _TextStream(engine.model.tokenizer, stops)
+        n_tokens = 0
         try:
             while True:
-                try:
-                    kind, value = await asyncio.wait_for(job.out.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
+                piece = ""
+                for kind, value in await job.out.get():  # the tokens of one engine step
+                    if kind == "hangup":
                         return
-                    continue
-                if kind == "error":
-                    raise LowbitError(f"generation failed: {value}")
-                if kind == "done":
-                    text = engine.model.detokenize(tokens)
-                    if sent < len(text):
-                        yield "text", text[sent:]
-                    yield "done", value
-                    return
-                tokens.append(value)
-                text = engine.model.detokenize(tokens)
-                cut = min((text.find(s) for s in stops if s in text), default=-1)
-                if cut >= 0:  # a stop string: the text up to it, and the request ends
-                    if sent < cut:
-                        yield "text", text[sent:cut]
-                    yield "done", "stop"
-                    return
-                # Hold back an incomplete UTF-8 character and what may still become a stop string.
-                end = len(text) - (1 if text.endswith("\ufffd") else 0)
-                end -= _stop_holdback(text[:end], stops)
-                if end > sent:
-                    yield "text", text[sent:end]
-                    sent = end
+                    if kind == "error":
+                        raise LowbitError(f"generation failed: {value}")
+                    if kind == "done":
+                        piece += text.finish()
+                        if piece:
+                            yield "text", piece
+                        yield "done", value
+                        return
+                    n_tokens += 1
+                    piece += text.feed(value)
+                    if text.stopped:  # a stop string: the text up to it, and the request ends
+                        if piece:
+                            yield "text", piece
+                        yield "done", "stop"
+                        return
+                if piece:
+                    yield "text", piece
         finally:
+            watcher.cancel()
             if job.req is not None and not job.req.done:
                 worker.cancel(job)
             p = int(job.req.prompt.size) if job.req is not None else 0
-            usage.update(prompt_tokens=p, completion_tokens=len(tokens), total_tokens=p + len(tokens))
+            usage.update(prompt_tokens=p, completion_tokens=n_tokens, total_tokens=p + n_tokens)
 
     def chat_prompt(body) -> list[int]:
         msgs = []
@@ -391,3 +403,21 @@ def create_app(engine: BatchEngine, model_name: str, api_key: Optional[str] = No
 
 class _Busy(Exception):
     pass
+
+
+class _ApiKey:
+    """/v1/ paths need `Authorization: Bearer KEY`. A plain ASGI middleware: Starlette's BaseHTTPMiddleware
+    (@app.middleware) would pass every streamed chunk through an extra memory stream."""
+
+    def __init__(self, app: Any, key: str, refuse: Any):
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+        self.refuse = refuse
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                await self.refuse()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
