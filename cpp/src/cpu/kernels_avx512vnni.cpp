@@ -364,6 +364,7 @@ void panel_columns_fmt(const uint8_t* panel, int64_t n_sb, const uint8_t* x, siz
     constexpr int64_t kBlockBytes = P::kScaleBytes + P::kSub * P::kSubBytes;
     for (int64_t sb = 0; sb < n_sb; ++sb) {
         const uint8_t* pb = panel + sb * kBlockBytes;
+        prefetch_panel_ahead(pb, kBlockBytes);
         const __m512 dw = P::scale(pb);
         const __m512 cw = P::coef(pb);
         for (int g = 0; g < P::kSub; ++g) {
@@ -397,6 +398,7 @@ void panel_columns_q4_K(const uint8_t* panel, int64_t n_blocks, const uint8_t* x
     for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
     for (int64_t b = 0; b < n_blocks; ++b) {
         const uint8_t* pb = panel + b * kPanelQ4_KBytes;
+        prefetch_panel_ahead(pb, kPanelQ4_KBytes);
         const __m512 d = PanelQ4_0::scale(pb);
         const __m512 dmin = PanelQ4_0::scale(pb + 32);
         for (int j = 0; j < 8; ++j) {

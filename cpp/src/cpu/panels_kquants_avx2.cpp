@@ -207,6 +207,7 @@ void panel_rows_cols(const uint8_t* panel, int64_t n_blocks, int h0, const uint8
     }
     for (int64_t b = 0; b < n_blocks; ++b) {
         const uint8_t* pb = panel + b * F::kBlockBytes;
+        prefetch_panel_ahead(pb, F::kBlockBytes);
         __m256 d[H], dmin[H];
         for (int h = 0; h < H; ++h) {
             d[h] = half8(pb + 16 * (h0 + h));
