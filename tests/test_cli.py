@@ -147,6 +147,30 @@ def test_run_greedy_equals_api(capsys):
     assert "tokens/s" in captured.err
 
 
+def test_kv_type_reaches_the_model(monkeypatch, capsys):
+    """--kv-type f16|f32 picks the KV cache element type; serve defaults to f16 (as llama.cpp's server), the
+    others to the library's f32."""
+    from lowbit.cli import build_parser
+
+    seen = []
+    real_load = lowbit.load
+
+    def spy(*a, **kw):
+        seen.append(kw.get("kv_f16"))
+        return real_load(*a, **kw)
+
+    monkeypatch.setattr(lowbit, "load", spy)
+    path = tiny_gguf("f32")
+    for flag, want in (([], False), (["--kv-type", "f16"], True), (["--kv-type", "f32"], False)):
+        assert main(["run", "-m", str(path), "-p", "hi", "-n", "2", "--temp", "0", "-t", "1", *flag]) == 0
+        assert seen.pop() is want
+    capsys.readouterr()
+    assert build_parser().parse_args(["serve", "-m", "x.gguf"]).kv_type == "f16"
+    assert build_parser().parse_args(["chat", "-m", "x.gguf"]).kv_type == "f32"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "-m", "x.gguf", "--kv-type", "q8_0"])
+
+
 def test_chat_one_shot(capsys):
     path = tiny_gguf("f32")
     assert main(["chat", "-m", str(path), "-p", "hi there", "-n", "8", "--temp", "0", "-t", "1"]) == 0

@@ -27,7 +27,7 @@ def _human_bytes(n: float) -> str:
 # ---- model options shared by run / chat / bench / perplexity ---------------------------------------
 
 
-def _add_model_args(p: argparse.ArgumentParser, model_positional: bool = True) -> None:
+def _add_model_args(p: argparse.ArgumentParser, model_positional: bool = True, kv_type: str = "f32") -> None:
     if model_positional:
         p.add_argument("model_pos", nargs="?", metavar="MODEL", help="GGUF file")
     p.add_argument("-m", "--model", help="GGUF file (same as the positional MODEL)")
@@ -36,6 +36,8 @@ def _add_model_args(p: argparse.ArgumentParser, model_positional: bool = True) -
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
                    help="transformer blocks to offload to the CUDA GPU (-1: all)")
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens evaluated per batch")
+    p.add_argument("--kv-type", choices=("f16", "f32"), default=kv_type,
+                   help=f"KV cache element type (default {kv_type}; f16 halves its memory and the bytes attention reads)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -57,7 +59,7 @@ def _model_path(args: argparse.Namespace) -> str:
 def _load(args: argparse.Namespace):
     return lowbit.load(_model_path(args), n_ctx=args.ctx_size, n_threads=args.threads,
                        n_gpu_layers=args.n_gpu_layers, n_batch=args.batch_size,
-                       seed=getattr(args, "seed", None))
+                       seed=getattr(args, "seed", None), kv_f16=args.kv_type == "f16")
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -278,7 +280,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise lowbit.LowbitError("--parallel > 1 runs on the CPU only for now; pass -ngl 0 or --parallel 1")
     path = _model_path(args)
     engine = BatchEngine(path, n_seq=args.parallel, n_ctx=args.ctx_size, n_threads=args.threads,
-                         n_batch=args.batch_size)
+                         n_batch=args.batch_size, kv_f16=args.kv_type == "f16")
     app = create_app(engine, model_name=Path(path).name, api_key=args.api_key, max_queue=args.max_queue)
     print(f"lowbit: serving {Path(path).name} on http://{args.host}:{args.port}/v1 ({args.parallel} sequences)",
           file=sys.stderr, flush=True)
@@ -346,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
-    _add_model_args(p)
+    _add_model_args(p, kv_type="f16")  # as llama.cpp's server: n_seq caches, so half the memory
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("-np", "--parallel", type=int, default=4, help="sequences decoded together")
