@@ -318,6 +318,27 @@ def test_weighted_rows(isa, dtype, nh, hd, n):
         _core.weighted_rows(out, p[:, :-1], rows)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("nh,hd,n", [(1, 64, 1), (3, 64, 37), (4, 128, 300), (2, 256, 8), (7, 80, 15), (2, 24, 5),
+                                     (1, 520, 3)])
+def test_attn_scores(isa, dtype, nh, hd, n):
+    """Attention scores (Kernels::attn_scores) against float64 numpy: key counts that are and are not
+    multiples of the kernel's 8, head sizes that are and are not multiples of 8, fp16 and f32 keys."""
+    rng = np.random.default_rng(nh * 1000 + n + hd)
+    _core.set_isa(isa)
+    q = rng.standard_normal((nh, hd)).astype(np.float32)
+    rows = (rng.standard_normal((n, hd)) * 2).astype(dtype)
+    scale = 1 / np.sqrt(hd)
+    ref = scale * q.astype(np.float64) @ rows.astype(np.float64).T
+    bound = 1e-5 * scale * np.abs(q.astype(np.float64)) @ np.abs(rows.astype(np.float64)).T + 1e-6
+    got = _core.attn_scores(q, rows, scale)
+    assert got.shape == (nh, n)
+    assert np.all(np.abs(got - ref) <= bound)
+    with pytest.raises(lowbit.LowbitError, match="attn_scores"):
+        _core.attn_scores(q, rows[:, :-1], scale)
+
+
 def test_matmul_errors():
     with pytest.raises(lowbit.LowbitError, match="multiple of the weight block size"):
         _core.matmul(int(QType.Q4_0), b"\0" * 18, 1, 48, np.zeros(48, np.float32))

@@ -40,11 +40,14 @@ def test_greedy_continuation_knows_paris(smollm2):
 
 
 def test_chat_answer_is_coherent(smollm2):
-    # With the template's default system prompt, this Q4_1 file answers the bare question greedily with
-    # "L'Étoile, la Cité, ..." in llama.cpp too (checked with llama-cpp-python 0.3.36: same first tokens), so
-    # the test gives a system prompt of its own, under which both answer with Paris.
+    # A question whose greedy answer is not decided by rounding. With the bare question this Q4_1 file answers
+    # "L'Étoile, la Cité, ..." under the template's default system prompt (llama.cpp too), and under the system
+    # prompt below its first token led "The" over "La" by only 0.26 logits: changing the order of the float
+    # additions in the attention scores moves this file's logits by up to 0.9 (each matmul re-rounds its
+    # activations to 8 bits, which amplifies the last bits), enough to flip it. Asking for one sentence, every
+    # greedy step up to "Paris" and "Berlin" leads by at least 1.2 logits.
     messages = [{"role": "system", "content": "You are a helpful assistant."},
-                {"role": "user", "content": "What is the capital of France?"}]
+                {"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
     reply = smollm2.chat(messages, max_new_tokens=40, temperature=0.0)
     assert "Paris" in reply
     # The second turn reuses the first turn's tokens from the cache.

@@ -374,10 +374,9 @@ void Model::attention(int slot, int window, int n) {
     const int cap = kv0.capacity(slot);  // position t is in row t % cap (a sliding block's ring)
     const bool f16 = kv0.f16();
     // One item = one query token x one KV head: the `group` query heads that share those keys and values
-    // are scored together (dot tiles of up to 4 keys x 4 heads), so each key and value row is read once per
-    // group instead of once per head.
+    // go through the kernels together (Kernels::attn_scores, ::weighted_rows), so each key and value row is
+    // read once per group instead of once per head.
     const int64_t n_items = static_cast<int64_t>(n) * c.n_head_kv;
-    const cpu::DotTileFn score_tile = kr.at(f16 ? QType::F16 : QType::F32).dot;
 
     pool_->run([&](int ith, int nth) {
         float* scores = att_.data() + static_cast<size_t>(ith) * static_cast<size_t>(group) * n_ctx_;
@@ -393,29 +392,18 @@ void Model::attention(int slot, int window, int n) {
             const size_t off = static_cast<size_t>(g) * hd * kv.elem_bytes();
             const float* q = q_.data() + i * q_dim + static_cast<int64_t>(g) * group * hd;  // (group, hd)
 
-            // scores[c * n_ctx + t] = q_c . k_t, over runs of positions whose rows are contiguous in the ring
+            // scores[c * n_ctx + t] = scale * q_c . k_t, over runs of positions whose rows are contiguous in the ring
             for (int run = t0; run < n_kv;) {
                 const int row0 = run % cap;
                 const int run_end = std::min(n_kv, run + (cap - row0));
-                for (int t = run; t < run_end; t += cpu::kTileRows) {
-                    const int rows = std::min(cpu::kTileRows, run_end - t);
-                    const uint8_t* krows = kc + static_cast<size_t>(row0 + (t - run)) * row_bytes + off;
-                    for (int c0 = 0; c0 < group; c0 += cpu::kTileCols) {
-                        const int cols = std::min(cpu::kTileCols, group - c0);
-                        score_tile(hd, krows, row_bytes, rows, q + static_cast<int64_t>(c0) * hd,
-                                   static_cast<size_t>(hd) * sizeof(float), cols,
-                                   scores + static_cast<size_t>(c0) * n_ctx_ + t, static_cast<size_t>(n_ctx_));
-                    }
-                }
+                kr.attn_scores(q, group, hd, kc + static_cast<size_t>(row0) * row_bytes + off, row_bytes, run_end - run,
+                               f16, scale, scores + run, static_cast<size_t>(n_ctx_));
                 run = run_end;
             }
             for (int cg = 0; cg < group; ++cg) {
                 float* sc = scores + static_cast<size_t>(cg) * n_ctx_;
                 float max_score = -INFINITY;
-                for (int t = t0; t < n_kv; ++t) {
-                    sc[t] *= scale;
-                    max_score = std::max(max_score, sc[t]);
-                }
+                for (int t = t0; t < n_kv; ++t) max_score = std::max(max_score, sc[t]);
                 float sum = 0.0f;
                 if (kr.exp_sub_sum) {
                     sum = kr.exp_sub_sum(sc + t0, n_kv - t0, max_score);

@@ -264,4 +264,18 @@ void bind_kernels(py::module_& m) {
                                      static_cast<size_t>(rows.strides(0)), rows.shape(0), f16);
         return res;
     }, "out + p @ rows (out is not modified), rows float32 or float16.", py::arg("out"), py::arg("p"), py::arg("rows"));
+    m.def("attn_scores", [](const FloatArray& q, const py::array& rows, float scale) {
+        // scale * q (nh, hd) @ rows (n, hd)^T, rows float32 or float16, through Kernels::attn_scores.
+        if (q.ndim() != 2 || rows.ndim() != 2 || rows.shape(1) != q.shape(1)) {
+            throw Error("attn_scores: need q (nh, hd) and rows (n, hd)");
+        }
+        const bool f16 = rows.dtype().is(py::dtype("float16"));
+        if (!f16 && !rows.dtype().is(py::dtype::of<float>())) throw Error("attn_scores: rows must be float32 or float16");
+        if (!(rows.flags() & py::array::c_style)) throw Error("attn_scores: rows must be C-contiguous");
+        py::array_t<float> s({q.shape(0), rows.shape(0)});
+        cpu::kernels().attn_scores(q.data(), static_cast<int>(q.shape(0)), static_cast<int>(q.shape(1)), rows.data(),
+                                   static_cast<size_t>(rows.strides(0)), rows.shape(0), f16, scale, s.mutable_data(),
+                                   static_cast<size_t>(rows.shape(0)));
+        return s;
+    }, "scale * q @ rows.T, rows float32 or float16.", py::arg("q"), py::arg("rows"), py::arg("scale"));
 }

@@ -75,6 +75,11 @@ struct Kernels {
     // generic one serves.
     void (*weighted_rows)(float* out, int nh, int hd, const float* p, size_t p_stride, const void* rows,
                           size_t row_stride, int64_t n, bool f16) = nullptr;
+    // Attention scores of nh query heads against n key rows they share:
+    //   s[h * s_stride + t] = scale * dot(q + h * hd, row_t),  h < nh, t < n,
+    // row_t at rows + t * row_stride bytes (float32, or fp16 with f16). Null: the generic one serves.
+    void (*attn_scores)(const float* q, int nh, int hd, const void* rows, size_t row_stride, int64_t n, bool f16,
+                        float scale, float* s, size_t s_stride) = nullptr;
     // Per tensor type, indexed by qtype_index (registry order, lowbit/qtypes.def).
     TypeOps ops[kNumQTypes] = {};
 

@@ -137,6 +137,7 @@ MergedTable merge(const Kernels& own, const Kernels& generic) {
     MergedTable m{own, {}, {}};
     if (!m.k.gelu_mul) m.k.gelu_mul = generic.gelu_mul;
     if (!m.k.weighted_rows) m.k.weighted_rows = generic.weighted_rows;
+    if (!m.k.attn_scores) m.k.attn_scores = generic.attn_scores;
     for (int i = 0; i < kNumQTypes; ++i) {
         TypeOps& o = m.k.ops[i];
         m.dot_isa[i] = o.dot ? own.name : "generic";

@@ -32,6 +32,7 @@ constexpr Kernels make_avx512_table() {
     Kernels t{Isa::AVX512, "avx512", quantize_act_x86, rmsnorm_x86, silu_mul_x86, dot_f32_f32_x86, axpy_f32_x86,
               exp_sub_sum_x86, axpy_f16_x86, gelu_mul_x86};
     t.weighted_rows = weighted_rows_x86;
+    t.attn_scores = attn_scores_x86;
     t.at(QType::Q4_0) = {dot_quant<FmtQ4_0>, nullptr, panel_q4_x86<false>,
                          quantize_row_as<block_q4_0, quantize_row_q4_0_avx512>};
     t.at(QType::Q4_1) = {dot_quant<FmtQ4_1>, nullptr, panel_q4_x86<true>,

@@ -176,11 +176,35 @@ void weighted_rows_generic(float* out, int nh, int hd, const float* p, size_t p_
     }
 }
 
+void attn_scores_generic(const float* q, int nh, int hd, const void* rows, size_t row_stride, int64_t n, bool f16,
+                         float scale, float* s, size_t s_stride) {
+    for (int64_t t = 0; t < n; ++t) {
+        const uint8_t* row = static_cast<const uint8_t*>(rows) + t * row_stride;
+        for (int h = 0; h < nh; ++h) {
+            const float* qh = q + static_cast<int64_t>(h) * hd;
+            float acc = 0.0f;
+            for (int d = 0; d < hd; ++d) {
+                float v;
+                if (f16) {
+                    uint16_t b;
+                    std::memcpy(&b, row + 2 * d, 2);
+                    v = half_to_float(b);
+                } else {
+                    std::memcpy(&v, row + 4 * d, 4);
+                }
+                acc += qh[d] * v;
+            }
+            s[h * s_stride + t] = acc * scale;
+        }
+    }
+}
+
 constexpr Kernels make_generic_table() {
     Kernels t{Isa::Generic, "generic", quantize_act_generic, rmsnorm_generic, silu_mul_generic, dot_f32_f32_generic,
               axpy_f32_generic};
     t.gelu_mul = gelu_mul_generic;
     t.weighted_rows = weighted_rows_generic;
+    t.attn_scores = attn_scores_generic;
     t.at(QType::Q4_0).dot = dot_quant_generic<GenQ4_0>;
     t.at(QType::Q4_1).dot = dot_quant_generic<GenQ4_1>;
     t.at(QType::Q8_0).dot = dot_quant_generic<GenQ8_0>;
