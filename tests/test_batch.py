@@ -146,9 +146,11 @@ def test_engine_bad_requests():
     with _engine(n_seq=2) as eng:
         with pytest.raises(lowbit.LowbitError, match="more than the context"):
             eng.submit(random_ids(200, 400), max_new_tokens=4)
-        with pytest.raises(lowbit.LowbitError, match="max_new_tokens must be >= 0"):
-            eng.submit([1, 2], max_new_tokens=-1)
+        with pytest.raises(lowbit.LowbitError, match="max_new_tokens must be >= 0, or -1"):
+            eng.submit([1, 2], max_new_tokens=-2)
         assert not eng.busy
         full = eng.submit(random_ids(125, 400), max_new_tokens=50, temperature=0.0, stop_at_eos=False)
+        unlimited = eng.submit(random_ids(125, 400), max_new_tokens=-1, temperature=0.0, stop_at_eos=False)
         eng.run()
         assert full.finish_reason == "length" and len(full.tokens) == 128 - 125 + 1
+        assert unlimited.finish_reason == "length" and unlimited.tokens == full.tokens  # -1: until the context

@@ -190,6 +190,42 @@ def test_convert_and_quantize_subcommands(tmp_path, capsys):
     assert types["blk.0.attn_norm.weight"] == lowbit.QType.F32
 
 
+def test_run_flags_match_the_api(capsys):
+    """--stop, --repeat-last-n and -n -1 reach generate(); a reply cut by a full context says so; --version."""
+    path = tiny_gguf("f32")
+    api = lowbit.load(path, n_threads=1, n_ctx=48)
+    full = api.generate("hello world", max_new_tokens=20, temperature=0.0)
+    stop = full[4:7]
+    assert len(full) > 8 and stop
+    assert main(["run", "-m", str(path), "-p", "hello world", "-n", "20", "--temp", "0", "--no-echo", "-t", "1",
+                 "--stop", stop]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == full[:full.find(stop)]
+    # A prompt that ends with the model's own greedy continuation: a penalty over the last 64 tokens covers
+    # what it would say next, one over the last 3 does not.
+    prompt = "hello world" + full
+    kw = dict(max_new_tokens=10, temperature=0.0, repeat_penalty=5.0, repeat_last_n=3)
+    assert main(["run", "-m", str(path), "-p", prompt, "-n", "10", "--temp", "0", "--no-echo", "-t", "1",
+                 "--repeat-penalty", "5", "--repeat-last-n", "3"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == api.generate(prompt, **kw)
+    assert api.generate(prompt, **kw) != api.generate(prompt, **{**kw, "repeat_last_n": 64})
+    # -n -1 on a 48-token context: runs until an end token or the context is full, and says which.
+    assert main(["run", "-m", str(path), "-p", "hello world", "-n", "-1", "--temp", "0", "--no-echo", "-t", "1",
+                 "-c", "48"]) == 0
+    out = capsys.readouterr()
+    unlimited = api.generate("hello world", max_new_tokens=-1, temperature=0.0)
+    assert out.out.rstrip("\n") == unlimited
+    assert ("context of 48 tokens is full" in out.err) == (api.last_finish_reason == "length")
+    r = subprocess.run([sys.executable, "-m", "lowbit", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == f"lowbit {lowbit.__version__}"
+
+
+def test_chat_prints_speed_after_each_reply(capsys):
+    path = tiny_gguf("f32")
+    assert main(["chat", "-m", str(path), "-p", "hi there", "-n", "8", "--temp", "0", "-t", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "prompt:" in err and "generation:" in err and "tokens/s" in err
+
+
 def test_bench_and_perplexity(tmp_path, capsys):
     path = tiny_gguf("f32")
     assert main(["bench", "-m", str(path), "-p", "16", "-n", "8", "-r", "1", "-t", "1"]) == 0

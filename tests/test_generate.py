@@ -175,16 +175,25 @@ def test_interrupted_tokenizer_build_can_be_retried(monkeypatch):
                 m.tokenize("Hello")
 
 
-def test_generation_stops_at_the_first_end_of_generation_token(model):
+def test_generation_stops_at_every_end_of_generation_token(model):
+    """Generation ends at the first token of the end-of-generation set, whichever it is: the tiny file has two
+    (<|endoftext|> and <|im_end|>, like SmolLM2), and stopping only on one of them (say the lowest id) must fail
+    here. Sampled hot with seeded draws until each id has been the first end token of some generation."""
     eog = set(model._core.eog_ids)
+    assert len(eog) == 2
     kw = dict(max_new_tokens=120, temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
-    for seed in range(40):  # sampled hot, some seed reaches an end token; the draws are seeded
+    covered = set()
+    for seed in range(400):
         full = model.generate_tokens([5, 6, 7], seed=seed, stop_at_eos=False, **kw)
         hits = [i for i, t in enumerate(full) if t in eog]
-        if hits:
+        if hits and full[hits[0]] not in covered:
             assert model.generate_tokens([5, 6, 7], seed=seed, **kw) == full[:hits[0]]
-            return
-    pytest.fail("no seed produced an end-of-generation token")
+            text = model.generate([5, 6, 7], seed=seed, **kw)
+            assert text == model.detokenize(full[:hits[0]])
+            covered.add(full[hits[0]])
+            if covered == eog:
+                return
+    pytest.fail(f"only {sorted(covered)} of the end-of-generation ids {sorted(eog)} came first in 400 seeds")
 
 
 def test_core_metadata_matches_the_file():
@@ -222,8 +231,86 @@ def test_generate_stop_string(model):
                                   stream=True)) == full[:cut]
 
 
+def test_finish_reason_and_unlimited_tokens():
+    """max_new_tokens=-1 runs until an end token or a full context; last_finish_reason says which ended it
+    ("stop": end token or stop string; "length": max_new_tokens or the context)."""
+    with lowbit.load(tiny_gguf("q8_0"), n_threads=N_THREADS, n_ctx=48) as m:
+        prompt = [5, 6, 7, 8]
+        out = m.generate_tokens(prompt, max_new_tokens=-1, temperature=0.0, stop_at_eos=False)
+        # The last token is sampled when the cache is full, not evaluated.
+        assert len(out) == 48 - len(prompt) + 1 and m.last_finish_reason == "length"
+        assert out == m.generate_tokens(prompt, max_new_tokens=10_000, temperature=0.0, stop_at_eos=False)
+        assert m.generate_tokens(prompt, max_new_tokens=5, temperature=0.0, stop_at_eos=False) == out[:5]
+        assert m.last_finish_reason == "length"
+        text = m.generate(prompt, max_new_tokens=-1, temperature=0.0)  # stops at an end token or the context
+        assert m.last_finish_reason in ("stop", "length")
+        text = m.generate(prompt, max_new_tokens=30, temperature=1.0, seed=4)
+        if len(text) > 4:
+            m.generate(prompt, max_new_tokens=30, temperature=1.0, seed=4, stop=text[2:4])
+            assert m.last_finish_reason == "stop"
+        for bad in (-2, 1.5, "3", True):
+            with pytest.raises(lowbit.LowbitError, match="max_new_tokens"):
+                m.generate("hi", max_new_tokens=bad)
+        for bad in (5, [1, "a"], {"a": 1}):
+            with pytest.raises(lowbit.LowbitError, match="stop must be a string or a list of strings"):
+                m.generate("hi", max_new_tokens=2, stop=bad)
+
+
+def test_context_shift_continues_as_a_fresh_evaluation_of_the_kept_tokens():
+    """With context_shift a full cache keeps its first n_keep tokens (and BOS) and the newer half of the rest;
+    the next greedy token must be the one a fresh evaluation of exactly those tokens gives."""
+    path = tiny_gguf("f32")
+    with lowbit.load(path, n_threads=N_THREADS, n_ctx=40) as m, \
+            lowbit.load(path, n_threads=N_THREADS, n_ctx=40) as oracle:
+        prompt = [9, 10, 11, 12, 13, 14]
+        n_keep = 3
+        out = m.generate_tokens(prompt, max_new_tokens=100, temperature=0.0, stop_at_eos=False,
+                                context_shift=True, n_keep=n_keep)
+        assert len(out) == 100 and m.last_timings["context_shifts"] >= 2
+        # Replay the cache: when it is full, the token just sampled is not in it yet.
+        cache = list(prompt)
+        for i, tok in enumerate(out[:-1]):
+            if len(cache) == 40:
+                n_discard = (40 - n_keep) // 2
+                cache = cache[:n_keep] + cache[n_keep + n_discard:]
+            cache.append(tok)
+            want = int(np.argmax(oracle.logits(cache)[-1]))
+            assert out[i + 1] == want, f"token {i + 1} after {len(cache)} cached"
+        with pytest.raises(lowbit.LowbitError, match="n_keep"):
+            m.generate_tokens(prompt, max_new_tokens=2, context_shift=True, n_keep=-2)
+        with pytest.raises(lowbit.LowbitError, match="n_keep"):
+            m.generate_tokens(prompt, max_new_tokens=2, context_shift=True, n_keep=39)
+
+
+def test_n_ctx_above_training_and_missing_template_warn(caplog, tmp_path):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="lowbit"):
+        with lowbit.load(tiny_gguf("q8_0"), n_threads=N_THREADS, n_ctx=512) as m:  # trained on 256
+            assert any("above the 256 positions" in r.getMessage() for r in caplog.records)
+    import json
+    import shutil
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lowbit"):
+        with lowbit.load(tiny_gguf("q8_0"), n_threads=N_THREADS, n_ctx=64) as m:  # has a template
+            m.chat_ids([{"role": "user", "content": "hi"}])
+        assert not any("chat_template" in r.getMessage() for r in caplog.records)
+        hf = tmp_path / "hf"
+        shutil.copytree(tiny_hf(), hf)
+        cfg = json.loads((hf / "tokenizer_config.json").read_text())
+        cfg.pop("chat_template", None)
+        (hf / "tokenizer_config.json").write_text(json.dumps(cfg))
+        (hf / "chat_template.jinja").unlink(missing_ok=True)  # where newer transformers save it
+        lowbit.convert(hf, tmp_path / "plain.gguf", outtype="f32", progress=False)
+        with lowbit.load(tmp_path / "plain.gguf", n_threads=N_THREADS, n_ctx=64) as m:
+            for _ in range(2):
+                m.chat_ids([{"role": "user", "content": "hi"}])
+        assert sum("no tokenizer.chat_template" in r.getMessage() for r in caplog.records) == 1
+
+
 def _fake_tokens(model, ids):
-    def fake(prompt, max_new_tokens, sampler, window, stop_at_eos=True):
+    def fake(prompt, max_new_tokens, sampler, window, stop_at_eos=True, shift_keep=None):
         yield from ids
     return fake
 

@@ -300,6 +300,24 @@ def test_layer_ops(isa, n):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("eps", [1e-5, 1e-6])
+def test_rmsnorm_eps_where_it_dominates(isa, eps):
+    """At activations of 1e-3 the mean square (~1e-6) is the size of eps, so eps inside the square root
+    (x / sqrt(mean(x^2) + eps)) and eps added after it (x / (sqrt(mean(x^2)) + eps)) differ by tens of percent:
+    a kernel that put it in the wrong place fails here at once."""
+    rng = np.random.default_rng(7)
+    _core.set_isa(isa)
+    for n in (8, 64, 576, 2048):
+        x = (rng.standard_normal(n) * 1e-3).astype(np.float32)
+        w = (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+        x64 = x.astype(np.float64)
+        ref = x64 / np.sqrt(np.mean(x64 * x64) + eps) * w
+        np.testing.assert_allclose(_core.rmsnorm(x, w, eps), ref, rtol=1e-5, atol=1e-9)
+        wrong = x64 / (np.sqrt(np.mean(x64 * x64)) + eps) * w
+        assert np.max(np.abs(wrong - ref)) > 0.05 * np.max(np.abs(ref))  # the test can tell the two apart
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("nh,hd,n", [(1, 64, 1), (3, 64, 37), (4, 128, 300), (5, 256, 9), (7, 80, 20), (2, 24, 5)])
 def test_weighted_rows(isa, dtype, nh, hd, n):

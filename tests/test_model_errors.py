@@ -109,7 +109,7 @@ def _still_usable(model, baseline):
 @pytest.mark.parametrize("call", [
     lambda m: m.generate(random_ids(80, 400).tolist(), max_new_tokens=4),
     lambda m: m.generate("The sea " * 40, max_new_tokens=4),
-    lambda m: m.generate("Hi", max_new_tokens=-1),
+    lambda m: m.generate("Hi", max_new_tokens=-2),
     lambda m: m.generate("Hi", max_new_tokens=2.5),
     lambda m: m.generate("Hi", temperature=-0.5),
     lambda m: m.generate("Hi", top_p=1.5),
@@ -125,7 +125,7 @@ def _still_usable(model, baseline):
     lambda m: m.chat([{"role": "user"}]),
     lambda m: m.chat("just a string"),
     lambda m: m.chat([{"role": "user", "content": "hi"}], max_new_tokens=-3),
-], ids=["prompt>n_ctx(ids)", "prompt>n_ctx(text)", "max_new_tokens<0", "max_new_tokens-float", "temperature<0",
+], ids=["prompt>n_ctx(ids)", "prompt>n_ctx(text)", "max_new_tokens<-1", "max_new_tokens-float", "temperature<0",
         "top_p>1", "min_p<0", "top_k<0", "repeat_penalty=0", "stop-not-str", "token-out-of-range", "empty-prompt",
         "logits-negative-id", "logits>n_ctx", "unknown-role", "no-content", "messages-str", "chat-max-new<0"])
 def test_bad_call_is_clear_error_and_model_survives(model, baseline, call):

@@ -177,7 +177,7 @@ class BatchEngine:
             events.append((req, token))
             # As generate(): the last token is sampled, not evaluated; a full context ends the request.
             cached = req.prompt.size + len(req.tokens) - 1  # the prompt and every token but this one
-            if len(req.tokens) >= req.max_new_tokens or cached >= self.model.n_ctx:
+            if 0 <= req.max_new_tokens <= len(req.tokens) or cached >= self.model.n_ctx:  # -1: no limit
                 self._finish(req, "length")
         return events
 

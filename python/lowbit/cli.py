@@ -46,7 +46,14 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--min-p", type=float, default=0.05)
     p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--repeat-last-n", type=int, default=64, help="tokens the repeat penalty looks back over (-1: all)")
     p.add_argument("-s", "--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the reply at this text (not printed); may be given several times")
+    p.add_argument("--context-shift", action="store_true",
+                   help="when the context fills, drop the older half of it and go on (default: stop)")
+    p.add_argument("--keep", type=int, default=0, metavar="N",
+                   help="with --context-shift: prompt tokens always kept at the start (-1: the whole prompt)")
 
 
 def _model_path(args: argparse.Namespace) -> str:
@@ -64,7 +71,16 @@ def _load(args: argparse.Namespace):
 
 def _sampling(args: argparse.Namespace) -> dict:
     return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repeat_penalty=args.repeat_penalty, seed=args.seed)
+                repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
+                stop=args.stop, context_shift=args.context_shift, n_keep=args.keep)
+
+
+def _report_length_stop(model, n_predict: int, file=None) -> None:
+    """Say so when a reply ended because the context was full (not at its end or at -n)."""
+    t = getattr(model, "last_timings", None) or {}
+    if getattr(model, "last_finish_reason", None) == "length" and t.get("generated_tokens", 0) != n_predict:
+        print(f"[stopped: the context of {model.n_ctx} tokens is full; use -c to enlarge it or --context-shift]",
+              file=file or sys.stderr)
 
 
 def _print_timings(model, file=None) -> None:
@@ -96,6 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    _report_length_stop(model, args.n_predict)
     _print_timings(model)
     return 0
 
@@ -128,8 +145,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("\n[interrupted]", file=sys.stderr)
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
-        if getattr(args, "verbose", False):
-            _print_timings(model)
+        _report_length_stop(model, args.n_predict)
+        _print_timings(model)  # after each reply, as llama.cpp's chat prints its speeds
         if one_shot:
             break
     return 0
@@ -305,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log what happens (chat: print timings)")
     parser = argparse.ArgumentParser(prog="lowbit", description="Run quantized LLaMA-family GGUF models.",
                                      parents=[common])
+    parser.add_argument("--version", action="version", version=f"lowbit {lowbit.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_parser = sub.add_parser
 
@@ -328,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.add_argument("-p", "--prompt", help="prompt text")
     p.add_argument("-f", "--file", help="read the prompt from a file")
-    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate")
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (-1: until the end of text or the context)")
     p.add_argument("--no-echo", action="store_true", help="do not print the prompt")
     p.set_defaults(func=cmd_run)
 
@@ -337,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.add_argument("--system", help="system message")
     p.add_argument("-p", "--prompt", help="ask one question and exit")
-    p.add_argument("-n", "--n-predict", type=int, default=256, help="max tokens per reply")
+    p.add_argument("-n", "--n-predict", type=int, default=256, help="max tokens per reply (-1: no limit)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("bench", help="prompt and decode tokens/s")

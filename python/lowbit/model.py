@@ -181,16 +181,23 @@ class Model:
         self._core = _core.Model(str(path), n_ctx=int(n_ctx), n_threads=int(n_threads), n_batch=int(n_batch),
                                  n_gpu_layers=int(n_gpu_layers), kv_f16=bool(kv_f16), n_seq=int(n_seq))
         self._config = ModelConfig.from_dict(self._core.config)
+        bos = self._core.metadata("tokenizer.ggml.bos_token_id").get("tokenizer.ggml.bos_token_id")
+        self._bos_id: Optional[int] = int(bos) if isinstance(bos, (int, np.integer)) else None
+        if self._config.n_ctx_train and self._core.n_ctx > self._config.n_ctx_train:
+            log.warning("n_ctx=%d is above the %d positions %s was trained on; quality usually drops past them",
+                        self._core.n_ctx, self._config.n_ctx_train, path.name)
         self._tokenizer = None
         self._tokenizer_error: Optional[Exception] = None
         self._tokenizer_keys: Optional[dict] = None
         self._tokenizer_lock = threading.Lock()
         self._chat_template: Optional[str] = None
+        self._warned_no_template = False
         self._seed_rng = random.Random(seed)
         self._lock = threading.Lock()
         self._owner: Optional[int] = None
         self.load_seconds = time.perf_counter() - t0
         self.last_timings: dict[str, float] = {}
+        self.last_finish_reason: Optional[str] = None
         log.info("loaded %s: %d layers, n_embd %d, vocab %d, n_ctx %d, %d threads, in %.3f s", path,
                  self._config.n_layer, self._config.n_embd, self._config.n_vocab, self.n_ctx, self.n_threads,
                  self.load_seconds)
@@ -312,13 +319,19 @@ class Model:
     def generate(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: Optional[int] = None,
                  stop: Union[str, Sequence[str], None] = None, stream: bool = False, repeat_last_n: int = 64,
-                 add_bos: bool = True) -> Union[str, Iterator[str]]:
+                 add_bos: bool = True, context_shift: bool = False, n_keep: int = 0) -> Union[str, Iterator[str]]:
         """Continue prompt (text, or token ids used as they are). Stops at EOS/EOT, at a stop string (not part
-        of the result), after max_new_tokens, or when the context is full. stream=True returns an iterator of
-        text pieces (never half a UTF-8 character, never the start of a stop string)."""
+        of the result), after max_new_tokens (-1: no limit), or when the context is full. stream=True returns
+        an iterator of text pieces (never half a UTF-8 character, never the start of a stop string).
+
+        Why it stopped is in last_finish_reason afterwards: "stop" (an end-of-generation token or a stop
+        string) or "length" (max_new_tokens, or a full context). context_shift=True makes room instead when
+        the context fills, as llama.cpp does: the first n_keep tokens (-1: the whole prompt; a BOS is always
+        kept) stay, the older half of the rest is dropped and the kept tokens are evaluated again."""
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
         ids, sampler, stops = self._prepare(prompt, max_new_tokens, sampling, seed, stop, add_bos)
-        pieces = self._stream(ids, int(max_new_tokens), sampler, int(repeat_last_n), stops)
+        shift = self._shift_keep(ids, context_shift, n_keep)
+        pieces = self._stream(ids, int(max_new_tokens), sampler, int(repeat_last_n), stops, shift)
         if stream:
             return pieces
         return "".join(pieces)
@@ -326,12 +339,27 @@ class Model:
     def generate_tokens(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                         top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                         seed: Optional[int] = None, repeat_last_n: int = 64, add_bos: bool = True,
-                        stop_at_eos: bool = True) -> list[int]:
+                        stop_at_eos: bool = True, context_shift: bool = False, n_keep: int = 0) -> list[int]:
         """generate(), returning the new token ids (EOS/EOT excluded; stop_at_eos=False samples past them)."""
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
         ids, sampler, _ = self._prepare(prompt, max_new_tokens, sampling, seed, None, add_bos)
+        shift = self._shift_keep(ids, context_shift, n_keep)
         with self._exclusive():
-            return list(self._tokens(ids, int(max_new_tokens), sampler, int(repeat_last_n), stop_at_eos))
+            return list(self._tokens(ids, int(max_new_tokens), sampler, int(repeat_last_n), stop_at_eos, shift))
+
+    def _shift_keep(self, ids: np.ndarray, context_shift: bool, n_keep: int) -> Optional[int]:
+        """Tokens a context shift keeps at the start (None: no shifting)."""
+        if not context_shift:
+            return None
+        if isinstance(n_keep, bool) or not isinstance(n_keep, (int, np.integer)) or n_keep < -1:
+            raise LowbitError(f"n_keep must be an integer >= -1 (-1: the whole prompt), got {n_keep!r}")
+        keep = ids.size if n_keep == -1 else int(n_keep)
+        if self._bos_id is not None and ids.size and int(ids[0]) == self._bos_id and n_keep != -1:
+            keep += 1  # the BOS stays, as llama.cpp keeps it
+        if keep > self.n_ctx - 4:
+            raise LowbitError(f"n_keep={n_keep} keeps {keep} tokens, too many for a context of {self.n_ctx} to shift; "
+                              "keep fewer or load the model with a larger n_ctx")
+        return keep
 
     def chat(self, messages: Sequence[Mapping[str, Any]], template_kwargs: Optional[Mapping[str, Any]] = None,
              **gen_kwargs: Any) -> Union[str, Iterator[str]]:
@@ -347,6 +375,10 @@ class Model:
         tok = self.tokenizer
         bos = tok.tokens[tok.bos_id] if tok.bos_id is not None else ""
         eos = tok.tokens[tok.eos_id] if tok.eos_id is not None else ""
+        if not self._chat_template and not self._warned_no_template:
+            self._warned_no_template = True
+            log.warning("%s has no tokenizer.chat_template; formatting the chat as ChatML, which may not be what "
+                        "this model was trained on", self.path.name)
         text = render_chat(messages, self._chat_template, bos_token=bos, eos_token=eos,
                            template_kwargs=template_kwargs)
         # A template that writes BOS itself must not get a second one.
@@ -362,8 +394,8 @@ class Model:
                  stop: Union[str, Sequence[str], None], add_bos: bool):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
             raise LowbitError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
-        if max_new_tokens < 0:
-            raise LowbitError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if max_new_tokens < -1:
+            raise LowbitError(f"max_new_tokens must be >= 0, or -1 for no limit, got {max_new_tokens}")
         if isinstance(prompt, str):
             ids = np.asarray(self.tokenize(prompt, add_bos=add_bos), dtype=np.int32)
         else:
@@ -382,9 +414,9 @@ class Model:
             stops: list[str] = []
         elif isinstance(stop, str):
             stops = [stop]
-        else:
+        elif isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
             stops = list(stop)
-        if not all(isinstance(s, str) for s in stops):
+        else:
             raise LowbitError(f"stop must be a string or a list of strings, got {stop!r}")
         stops = [s for s in stops if s]
         return ids, sampler, stops
@@ -415,15 +447,17 @@ class Model:
         return Model._Exclusive(self)
 
     def _tokens(self, prompt: np.ndarray, max_new_tokens: int, sampler: "_core.Sampler", window: int,
-                stop_at_eos: bool = True) -> Iterator[int]:
+                stop_at_eos: bool = True, shift_keep: Optional[int] = None) -> Iterator[int]:
         """Evaluate prompt after the longest cached common prefix, then sample and evaluate up to
-        max_new_tokens tokens. Yields each new token id (EOS/EOT are not yielded)."""
+        max_new_tokens tokens (-1: no limit). Yields each new token id (EOS/EOT are not yielded). A full context
+        ends generation, or with shift_keep shifts it (generate's context_shift). Sets last_finish_reason."""
         core = self._model()
         # From the core: generating from token ids never needs the tokenizer (tens of MiB of vocabulary objects).
         eos = frozenset(core.eog_ids) if stop_at_eos else frozenset()
         timings = {"prompt_tokens": 0, "prompt_seconds": 0.0, "reused_tokens": 0, "generated_tokens": 0,
-                   "generate_seconds": 0.0}
+                   "generate_seconds": 0.0, "context_shifts": 0}
         self.last_timings = timings
+        self.last_finish_reason = "length"
         n_keep = _common_prefix(core.tokens, prompt)
         if n_keep == prompt.size:
             n_keep -= 1  # the last prompt token must be evaluated again to get its logits
@@ -437,32 +471,53 @@ class Model:
             return
         history = [int(t) for t in prompt]  # what the repeat penalty looks back over
         t0 = time.perf_counter()
-        for i in range(max_new_tokens):
+        i = 0
+        while True:
             recent = history if window < 0 else history[-window:] if window else []
             token = sampler.sample(logits, np.asarray(recent, dtype=np.int32))
             if token in eos:
+                self.last_finish_reason = "stop"
                 break
-            timings["generated_tokens"] = i + 1
+            i += 1
+            timings["generated_tokens"] = i
             yield token
             history.append(token)
-            if i + 1 == max_new_tokens or core.n_past >= core.n_ctx:
+            if i == max_new_tokens:
                 break
-            logits = core.eval(np.asarray([token], dtype=np.int32))
+            if core.n_past >= core.n_ctx:
+                if shift_keep is None:
+                    break
+                logits = self._shift_context(core, shift_keep, token)
+                timings["context_shifts"] += 1
+            else:
+                logits = core.eval(np.asarray([token], dtype=np.int32))
             timings["generate_seconds"] = time.perf_counter() - t0
         timings["generate_seconds"] = time.perf_counter() - t0
 
+    @staticmethod
+    def _shift_context(core: "_core.Model", keep: int, token: int) -> np.ndarray:
+        """A full cache: keep its first `keep` tokens and the newer half of the rest, evaluate again what the
+        cache cannot keep in place (positions move), then the new token; returns its logits."""
+        cached = core.tokens
+        n_discard = (cached.size - keep) // 2
+        kept = np.concatenate([cached[:keep], cached[keep + n_discard:], np.asarray([token], dtype=np.int32)])
+        reuse = core.reusable_prefix(keep)
+        core.truncate(reuse)
+        return core.eval(kept[reuse:].astype(np.int32))
+
     def _stream(self, prompt: np.ndarray, max_new_tokens: int, sampler: "_core.Sampler", window: int,
-                stops: list[str]) -> Iterator[str]:
+                stops: list[str], shift_keep: Optional[int] = None) -> Iterator[str]:
         """Text pieces of the generated tokens: held back while they end in an incomplete UTF-8 character or
         in a prefix of a stop string."""
         self._acquire()
         try:
             text = _TextStream(self.tokenizer, stops)
-            for token in self._tokens(prompt, max_new_tokens, sampler, window):
+            for token in self._tokens(prompt, max_new_tokens, sampler, window, shift_keep=shift_keep):
                 piece = text.feed(token)
                 if piece:
                     yield piece
                 if text.stopped:
+                    self.last_finish_reason = "stop"
                     return
             piece = text.finish()
             if piece:
