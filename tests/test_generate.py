@@ -256,6 +256,43 @@ def test_finish_reason_and_unlimited_tokens():
                 m.generate("hi", max_new_tokens=2, stop=bad)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logprobs_are_log_softmax_of_the_logits(temperature):
+    """generate(logprobs=n): each generated token's logprob and its n most likely alternatives are log-softmax
+    of logits() (a fresh teacher-forced evaluation) at the same position; the batch engine records the same."""
+    path = tiny_gguf("f32")
+    with lowbit.load(path, n_threads=N_THREADS, n_ctx=64) as m:
+        prompt = [3, 14, 15, 92, 65]
+        out = m.generate_tokens(prompt, max_new_tokens=12, temperature=temperature, seed=2, logprobs=4,
+                                stop_at_eos=False)
+        lps = m.last_logprobs
+        assert len(lps) == len(out) == 12
+        lg = m.logits(prompt + out).astype(np.float64)
+        for i, (tok, lp) in enumerate(zip(out, lps)):
+            row = lg[len(prompt) - 1 + i]
+            ref = row - (row.max() + np.log(np.exp(row - row.max()).sum()))
+            assert lp.token == tok and lp.logprob == pytest.approx(ref[tok], abs=1e-4)
+            order = sorted(range(len(ref)), key=lambda j: (-ref[j], j))[:4]
+            assert [t for t, _ in lp.top] == order
+            assert [v for _, v in lp.top] == pytest.approx([ref[j] for j in order], abs=1e-4)
+        m.generate(prompt, max_new_tokens=5, temperature=0.0, logprobs=0)
+        assert len(m.last_logprobs) == m.last_timings["generated_tokens"] > 0
+        assert all(lp.top == () for lp in m.last_logprobs)
+        m.generate(prompt, max_new_tokens=3)
+        assert m.last_logprobs is None
+        for bad in (-1, 21, 2.0, True):
+            with pytest.raises(lowbit.LowbitError, match="logprobs"):
+                m.generate(prompt, max_new_tokens=3, logprobs=bad)
+    with lowbit.BatchEngine(path, n_seq=2, n_ctx=64, n_threads=N_THREADS) as eng:
+        req = eng.submit(prompt, max_new_tokens=12, temperature=temperature, seed=2, logprobs=4, stop_at_eos=False)
+        other = eng.submit([7, 8, 9], max_new_tokens=12, temperature=0.0)  # sharing the steps
+        eng.run()
+        assert req.tokens == out and other.logprobs is None
+        for a, b in zip(req.logprobs, lps):
+            assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=1e-5)
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
 def test_context_shift_continues_as_a_fresh_evaluation_of_the_kept_tokens():
     """With context_shift a full cache keeps its first n_keep tokens (and BOS) and the newer half of the rest;
     the next greedy token must be the one a fresh evaluation of exactly those tokens gives."""
@@ -310,7 +347,7 @@ def test_n_ctx_above_training_and_missing_template_warn(caplog, tmp_path):
 
 
 def _fake_tokens(model, ids):
-    def fake(prompt, max_new_tokens, sampler, window, stop_at_eos=True, shift_keep=None):
+    def fake(prompt, max_new_tokens, sampler, window, stop_at_eos=True, shift_keep=None, logprobs=None):
         yield from ids
     return fake
 

@@ -61,7 +61,8 @@ def server():
 
 @pytest.fixture(scope="module")
 def local(server):
-    with lowbit.load(server[1], n_ctx=2048, n_threads=N_THREADS) as m:
+    # The same KV cache type as the server's default (f16), so both run the same computation.
+    with lowbit.load(server[1], n_ctx=2048, n_threads=N_THREADS, kv_f16=True) as m:
         yield m
 
 
@@ -99,6 +100,46 @@ def test_chat_equals_chat_streamed_or_not(server, local):
             reasons.append(choice.finish_reason)
     assert "".join(pieces) == want
     assert reasons[-1] in ("stop", "length") and usage is not None and usage.completion_tokens > 0
+
+
+def test_logprobs_equal_the_library(server, local):
+    """Completions' logprobs=n and chat's logprobs/top_logprobs carry each token's log-probability and its top
+    alternatives: the values generate(logprobs=n) records (tests/test_generate.py ties those to log-softmax of
+    logits()), streamed or not."""
+    c = _client(server[0])
+    ids = local.generate_tokens(PROMPTS[1], max_new_tokens=8, temperature=0.0, logprobs=3)
+    want = local.last_logprobs
+    piece = lambda i: local.tokenizer.token_to_piece(i).decode("utf-8", errors="replace")  # noqa: E731
+    r = c.completions.create(model="x", prompt=PROMPTS[1], max_tokens=8, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [piece(i) for i in ids]
+    assert lp.token_logprobs == pytest.approx([w.logprob for w in want], abs=1e-5)
+    for got, w in zip(lp.top_logprobs, want):
+        # The legacy format keys alternatives by their text: tokens with the same text (say, two partial UTF-8
+        # bytes, both shown as U+FFFD) share one entry, the last one written.
+        expect = {piece(i): v for i, v in w.top}
+        assert list(got) == list(expect) and list(got.values()) == pytest.approx(list(expect.values()), abs=1e-5)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+    msgs = [{"role": "user", "content": "What is the capital?"}]
+    ids = local.generate_tokens(local.chat_ids(msgs), max_new_tokens=6, temperature=0.0, logprobs=2)
+    want = local.last_logprobs
+    r = c.chat.completions.create(model="x", messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                  top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert [t.token for t in content] == [piece(i) for i in ids]
+    assert [t.logprob for t in content] == pytest.approx([w.logprob for w in want], abs=1e-5)
+    assert [[a.token for a in t.top_logprobs] for t in content] == [[piece(i) for i, _ in w.top] for w in want]
+    assert content[0].bytes == list(local.tokenizer.token_to_piece(ids[0]))
+    streamed = []
+    for ch in c.chat.completions.create(model="x", messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                        top_logprobs=2, stream=True):
+        for choice in ch.choices:
+            if choice.logprobs is not None:
+                streamed += choice.logprobs.content
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    plain = c.chat.completions.create(model="x", messages=msgs, max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None
 
 
 def test_stop_strings_end_the_text(server, local):
@@ -156,6 +197,9 @@ def _post(base: str, path: str, body: bytes, key: str = KEY):
     ("/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, "role"),
     ("/v1/completions", json.dumps({"prompt": "word " * 20000, "max_tokens": 4}).encode(), 400, "context"),
     ("/v1/completions", b'{"prompt": [1, 2, 99999], "max_tokens": 4}', 400, "outside the vocabulary"),
+    ("/v1/completions", b'{"prompt": "hi", "logprobs": 50}', 400, "logprobs"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}', 400,
+     "logprobs"),
     ("/v1/nothing", b"{}", 404, "Not Found"),
 ])
 def test_bad_requests_get_openai_errors(server, path, body, status, words):

@@ -26,6 +26,11 @@ public:
     // Positions pos0 .. pos0+n-1 of slot = k, v (n, kv_dim) fp32; n <= capacity(slot).
     void store(int slot, int pos0, int n, const float* k, const float* v);
     uint64_t bytes() const { return k_.size() + v_.size(); }
+    int n_slots() const { return static_cast<int>(capacity_.size()); }
+    // The stored rows of positions pos0 .. pos0+n-1 of slot, as they are (row_bytes each), in position order
+    // (saved state); n <= capacity(slot).
+    void copy_out(int slot, int pos0, int n, uint8_t* k, uint8_t* v) const;
+    void copy_in(int slot, int pos0, int n, const uint8_t* k, const uint8_t* v);
 
 private:
     void store_rows(uint8_t* dst, const float* src, int n);

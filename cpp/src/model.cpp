@@ -448,6 +448,121 @@ void Model::gated_activation(float* gate, const float* up, int64_t count) {
 // ----------------------------------------------------------------------------------------------------
 // the cache interface
 
+namespace {
+
+// Saved state layout (little-endian): u32 magic, u32 n_slots, u32 elem_bytes, u32 reserved, u64 row_bytes,
+// i32 n_past, i32 reserved; per slot i32 first_pos, i32 n_rows; then per slot n_rows K rows and n_rows V rows.
+constexpr uint32_t kStateMagic = 0x5453424cu;  // "LBST"
+
+template <class T>
+void put(std::vector<uint8_t>& out, T v) {
+    const size_t at = out.size();
+    out.resize(at + sizeof(T));
+    std::memcpy(out.data() + at, &v, sizeof(T));
+}
+
+template <class T>
+T take(const uint8_t* data, size_t size, size_t& at) {
+    if (at > size || size - at < sizeof(T)) throw Error("saved state: the data is truncated");
+    T v;
+    std::memcpy(&v, data + at, sizeof(T));
+    at += sizeof(T);
+    return v;
+}
+
+}  // namespace
+
+std::vector<uint8_t> Model::state(int seq) const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (gpu_) throw Error("saving the state of a model with blocks on the GPU is not supported yet; load it with n_gpu_layers=0");
+    const Sequence& s = seq_at(seq);
+    const KvCache& kv = *s.kv;
+    const int n_past = static_cast<int>(s.tokens.size());
+    std::vector<uint8_t> out;
+    put<uint32_t>(out, kStateMagic);
+    put<uint32_t>(out, static_cast<uint32_t>(kv.n_slots()));
+    put<uint32_t>(out, static_cast<uint32_t>(kv.elem_bytes()));
+    put<uint32_t>(out, 0);
+    put<uint64_t>(out, kv.row_bytes());
+    put<int32_t>(out, n_past);
+    put<int32_t>(out, 0);
+    std::vector<std::pair<int, int>> spans;  // per slot: first position held, rows
+    for (int slot = 0; slot < kv.n_slots(); ++slot) {
+        const int first = std::max(0, n_past - kv.capacity(slot));
+        spans.emplace_back(first, n_past - first);
+        put<int32_t>(out, first);
+        put<int32_t>(out, n_past - first);
+    }
+    for (int slot = 0; slot < kv.n_slots(); ++slot) {
+        const size_t at = out.size();
+        const size_t bytes = static_cast<size_t>(spans[slot].second) * kv.row_bytes();
+        out.resize(at + 2 * bytes);
+        kv.copy_out(slot, spans[slot].first, spans[slot].second, out.data() + at, out.data() + at + bytes);
+    }
+    return out;
+}
+
+void Model::set_state(int seq, const std::vector<int32_t>& tokens, const uint8_t* data, size_t size) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (gpu_) throw Error("loading a saved state into a model with blocks on the GPU is not supported yet; load it with n_gpu_layers=0");
+    Sequence& s = const_cast<Sequence&>(seq_at(seq));
+    KvCache& kv = *s.kv;
+    size_t at = 0;
+    if (take<uint32_t>(data, size, at) != kStateMagic) throw Error("saved state: not lowbit state data");
+    const uint32_t n_slots = take<uint32_t>(data, size, at);
+    const uint32_t elem = take<uint32_t>(data, size, at);
+    take<uint32_t>(data, size, at);
+    const uint64_t row_bytes = take<uint64_t>(data, size, at);
+    const int32_t n_past = take<int32_t>(data, size, at);
+    take<int32_t>(data, size, at);
+    if (n_slots != static_cast<uint32_t>(kv.n_slots()) || row_bytes / std::max<uint32_t>(elem, 1) !=
+        kv.row_bytes() / kv.elem_bytes()) {
+        throw Error("saved state: it was saved from a model with a different layout (" + std::to_string(n_slots) +
+                    " CPU blocks) than this one (" + std::to_string(kv.n_slots()) + ")");
+    }
+    if (elem != kv.elem_bytes()) {
+        throw Error(std::string("saved state: its KV cache is ") + (elem == 2 ? "f16" : "f32") + ", this model's is " +
+                    (kv.f16() ? "f16" : "f32") + "; load the model with the same kv type");
+    }
+    if (n_past < 0 || static_cast<size_t>(n_past) != tokens.size()) throw Error("saved state: token count does not match");
+    if (n_past > n_ctx_) {
+        throw Error("saved state: it holds " + std::to_string(n_past) + " tokens, more than this model's context of " +
+                    std::to_string(n_ctx_) + "; load the model with a larger n_ctx");
+    }
+    for (int32_t t : tokens) {
+        if (t < 0 || t >= config_.n_vocab) throw Error("saved state: a token id is outside the vocabulary");
+    }
+    std::vector<int> window(kv.n_slots(), 0);
+    for (const Layer& L : layers_) {
+        if (L.backend == Backend::kCpu) window[L.slot] = L.window;
+    }
+    std::vector<std::pair<int, int>> spans;
+    size_t need = at + static_cast<size_t>(n_slots) * 8;
+    for (uint32_t slot = 0; slot < n_slots; ++slot) {
+        const int32_t first = take<int32_t>(data, size, at), rows = take<int32_t>(data, size, at);
+        if (first < 0 || rows < 0 || first + rows != n_past) throw Error("saved state: a block's rows do not end at its last token");
+        // The positions the next token reads: all of them, or its window.
+        const int needed_from = window[slot] > 0 ? std::max(0, n_past - window[slot] + 1) : 0;
+        const int keep_from = std::max(first, n_past - kv.capacity(static_cast<int>(slot)));
+        if (first > needed_from || keep_from > needed_from) {
+            throw Error("saved state: this model's cache cannot hold the positions its block " + std::to_string(slot) +
+                        " needs (load it with a larger n_ctx, or the n_batch it was saved with)");
+        }
+        spans.emplace_back(first, rows);
+        need += 2 * static_cast<size_t>(rows) * row_bytes;
+    }
+    if (need != size) throw Error("saved state: the data has " + std::to_string(size) + " bytes, its header says " + std::to_string(need));
+    for (uint32_t slot = 0; slot < n_slots; ++slot) {
+        const auto [first, rows] = spans[slot];
+        const int keep_from = std::max(first, n_past - kv.capacity(static_cast<int>(slot)));
+        const size_t skip = static_cast<size_t>(keep_from - first) * row_bytes;
+        const size_t bytes = static_cast<size_t>(rows) * row_bytes;
+        kv.copy_in(static_cast<int>(slot), keep_from, n_past - keep_from, data + at + skip, data + at + bytes + skip);
+        at += 2 * bytes;
+    }
+    s.tokens = tokens;
+}
+
 int Model::reusable_prefix(int n_keep, int seq) const {
     const Sequence& s = seq_at(seq);
     const int past = static_cast<int>(s.tokens.size());

@@ -123,6 +123,23 @@ void bind_model(py::module_& m) {
             const auto& t = self.tokens(seq);
             return py::array_t<int32_t>(static_cast<py::ssize_t>(t.size()), t.data());
         }, py::arg("seq"), "The tokens in a sequence's cache.")
+        .def("state", [](const Model& self, int seq) {
+            std::vector<uint8_t> v;
+            {
+                py::gil_scoped_release release;
+                v = self.state(seq);
+            }
+            return py::bytes(reinterpret_cast<const char*>(v.data()), v.size());
+        }, py::arg("seq") = 0, "A sequence's KV cache as bytes (Model.save_state writes them with the tokens).")
+        .def("set_state", [](Model& self, const IntArray& tokens, const py::bytes& data, int seq) {
+            char* buf = nullptr;
+            Py_ssize_t len = 0;
+            if (PyBytes_AsStringAndSize(data.ptr(), &buf, &len) != 0) throw py::error_already_set();
+            std::vector<int32_t> t = to_vector(tokens);
+            py::gil_scoped_release release;
+            self.set_state(seq, t, reinterpret_cast<const uint8_t*>(buf), static_cast<size_t>(len));
+        }, py::arg("tokens"), py::arg("data"), py::arg("seq") = 0,
+             "Put back a sequence's cache saved by state() (same file and KV type; checked).")
         .def_property_readonly("n_seq", &Model::n_seq)
         .def_property_readonly("n_past", [](const Model& self) { return self.n_past(); })
         .def_property_readonly("n_ctx", &Model::n_ctx)

@@ -26,6 +26,7 @@ _LAZY = {
     "load": ".model",
     "BatchEngine": ".batch",
     "Model": ".model",
+    "TokenLogprob": ".model",
     "convert": ".converter",
     "quantize_file": ".converter",
 }
@@ -54,6 +55,7 @@ __all__ = [
     "GGUFValueType",
     "load",
     "Model",
+    "TokenLogprob",
     "BatchEngine",
     "convert",
     "quantize_file",

@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from ._core import LowbitError
-from .model import Model, Prompt, SamplingParams, _common_prefix
+from .model import Model, Prompt, SamplingParams, _common_prefix, check_logprobs, token_logprob
 
 
 _NO_HISTORY = np.zeros(0, dtype=np.int32)
@@ -44,11 +44,13 @@ class Request:
     repeat_penalty: float = 1.0
     tokens: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
+    logprobs: Optional[list] = None  # TokenLogprob per token when submitted with logprobs=n
     reused_tokens: int = 0          # prompt tokens found in the sequence's cache
     seq: Optional[int] = None       # the sequence it runs in, while it runs
     _sampler: Any = None
     _fed: int = 0                   # prompt tokens evaluated so far (from reused_tokens on)
     _engine: Any = None
+    _n_logprobs: Optional[int] = None
 
     @property
     def done(self) -> bool:
@@ -81,12 +83,16 @@ class BatchEngine:
 
     def submit(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
-               seed: Optional[int] = None, add_bos: bool = True, stop_at_eos: bool = True) -> Request:
-        """Queue a generation (text or token ids; generate()'s arguments, checked the same way)."""
+               seed: Optional[int] = None, add_bos: bool = True, stop_at_eos: bool = True,
+               logprobs: Optional[int] = None) -> Request:
+        """Queue a generation (text or token ids; generate()'s arguments, checked the same way). logprobs=n:
+        request.logprobs gets a TokenLogprob per generated token, as generate()'s last_logprobs."""
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
         ids, sampler, _ = self.model.prepare(prompt, max_new_tokens, sampling, seed, None, add_bos)
+        n_lp = check_logprobs(logprobs)
         req = Request(next(self._ids), ids, int(max_new_tokens), bool(stop_at_eos), int(repeat_last_n),
-                      float(repeat_penalty), _sampler=sampler, _engine=self)
+                      float(repeat_penalty), _sampler=sampler, _engine=self, _n_logprobs=n_lp,
+                      logprobs=[] if n_lp is not None else None)
         if req.max_new_tokens == 0:
             req.finish_reason = "length"
         else:
@@ -174,6 +180,8 @@ class BatchEngine:
                 self._finish(req, "stop")
                 continue
             req.tokens.append(token)
+            if req._n_logprobs is not None:
+                req.logprobs.append(token_logprob(row, token, req._n_logprobs))
             events.append((req, token))
             # As generate(): the last token is sampled, not evaluated; a full context ends the request.
             cached = req.prompt.size + len(req.tokens) - 1  # the prompt and every token but this one

@@ -15,9 +15,12 @@ Ctrl-C during generate() leaves the model usable: the cache holds exactly the fu
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
+import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -86,6 +89,44 @@ class SamplingParams:
         return _core.Sampler(temperature=float(self.temperature), top_k=int(self.top_k), top_p=float(self.top_p),
                              min_p=float(self.min_p), repeat_penalty=float(self.repeat_penalty),
                              repeat_last_n=int(self.repeat_last_n), seed=seed)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (log-softmax of its raw logits: before penalties,
+    top-k/top-p/min-p and temperature, as llama.cpp and OpenAI report them) and the n most likely tokens at
+    that position as (id, logprob), most likely first (ties: lower id first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs
+
+
+def check_logprobs(n: Optional[int]) -> Optional[int]:
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= MAX_LOGPROBS:
+        raise LowbitError(f"logprobs must be None or an integer from 0 to {MAX_LOGPROBS}, got {n!r}")
+    return int(n)
+
+
+def token_logprob(logits: np.ndarray, token: int, n: int) -> TokenLogprob:
+    """TokenLogprob of token under logits (one position, n_vocab floats), with the top n alternatives."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = float(x.max())
+    lse = m + float(np.log(np.exp(x - m).sum()))
+    top: tuple[tuple[int, float], ...] = ()
+    if n > 0:
+        idx = np.argpartition(-x, min(n, x.size) - 1)[:n]
+        idx = idx[np.lexsort((idx, -x[idx]))]
+        top = tuple((int(i), float(x[i] - lse)) for i in idx)
+    return TokenLogprob(int(token), float(x[token] - lse), top)
+
+
+_STATE_MAGIC = b"LOWBIT-STATE-1\n\0"
 
 
 def _default_threads() -> int:
@@ -198,6 +239,8 @@ class Model:
         self.load_seconds = time.perf_counter() - t0
         self.last_timings: dict[str, float] = {}
         self.last_finish_reason: Optional[str] = None
+        self.last_logprobs: Optional[list[TokenLogprob]] = None
+        self._file_identity: Optional[dict] = None
         log.info("loaded %s: %d layers, n_embd %d, vocab %d, n_ctx %d, %d threads, in %.3f s", path,
                  self._config.n_layer, self._config.n_embd, self._config.n_vocab, self.n_ctx, self.n_threads,
                  self.load_seconds)
@@ -293,6 +336,76 @@ class Model:
             core.truncate(0)
             return core.eval(ids, all_logits=True)
 
+    # ---- saved state ----------------------------------------------------------------------------------
+
+    def save_state(self, path: Union[str, os.PathLike]) -> None:
+        """Write the KV cache and its tokens to a file, so that a long prompt (a system prompt, a document) is
+        evaluated once: load_state() on a later run of the same model file puts them back, and generate() then
+        reuses them as it reuses its own cache. The file records which model file it belongs to."""
+        with self._exclusive():
+            core = self._model()
+            blob = core.state()
+            tokens = np.asarray(core.tokens, dtype="<i4")
+        header = json.dumps({"model": self._identity(), "n_past": int(tokens.size)}).encode()
+        path = Path(path)
+        tmp = path.with_name(path.name + ".partial")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(_STATE_MAGIC + struct.pack("<QQQ", len(header), tokens.size, len(blob)))
+                f.write(header)
+                f.write(tokens.tobytes())
+                f.write(blob)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def load_state(self, path: Union[str, os.PathLike]) -> int:
+        """Put back a cache written by save_state(); returns the number of tokens it holds. Refuses, with the
+        reason and the cache unchanged, a file from a different or changed model file, another KV type, or
+        more tokens than this context holds."""
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise LowbitError(f"cannot read the saved state '{path}': {e.strerror or e}") from None
+        head = len(_STATE_MAGIC) + 24
+        if len(raw) < head or not raw.startswith(_STATE_MAGIC):
+            raise LowbitError(f"'{path}' is not a lowbit saved state")
+        n_header, n_tokens, n_blob = struct.unpack("<QQQ", raw[len(_STATE_MAGIC):head])
+        if len(raw) != head + n_header + 4 * n_tokens + n_blob:
+            raise LowbitError(f"the saved state '{path}' is truncated or has trailing bytes")
+        try:
+            header = json.loads(raw[head:head + n_header])
+        except ValueError:
+            raise LowbitError(f"the saved state '{path}' has a damaged header") from None
+        saved, mine = header.get("model", {}), self._identity()
+        if saved != mine:
+            raise LowbitError(f"the saved state '{path}' belongs to another model file ({saved.get('name')!r}, "
+                              f"{saved.get('size')} bytes) or to an earlier version of this one ({mine['name']!r}, "
+                              f"{mine['size']} bytes); evaluate the prompt again")
+        tokens = np.frombuffer(raw, dtype="<i4", count=n_tokens, offset=head + n_header).astype(np.int32)
+        blob = raw[head + n_header + 4 * n_tokens:]
+        with self._exclusive():
+            self._model().set_state(tokens, blob)
+        return int(n_tokens)
+
+    def _identity(self) -> dict:
+        """What ties a saved state to one model file: its name, size and a digest of its first MiB (the header
+        and tensor table), its last 64 KiB and 16 KiB at each of 62 evenly spaced offsets."""
+        if self._file_identity is None:
+            h = hashlib.sha256()
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                h.update(f.read(1 << 20))
+                for k in range(1, 63):
+                    f.seek(size * k // 63)
+                    h.update(f.read(16 << 10))
+                f.seek(max(0, size - (64 << 10)))
+                h.update(f.read())
+            self._file_identity = {"name": self.path.name, "size": size, "sha256_sampled": h.hexdigest()}
+        return self._file_identity
+
     def reset(self) -> None:
         """Empty the KV cache."""
         with self._exclusive():
@@ -319,7 +432,8 @@ class Model:
     def generate(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: Optional[int] = None,
                  stop: Union[str, Sequence[str], None] = None, stream: bool = False, repeat_last_n: int = 64,
-                 add_bos: bool = True, context_shift: bool = False, n_keep: int = 0) -> Union[str, Iterator[str]]:
+                 add_bos: bool = True, context_shift: bool = False, n_keep: int = 0,
+                 logprobs: Optional[int] = None) -> Union[str, Iterator[str]]:
         """Continue prompt (text, or token ids used as they are). Stops at EOS/EOT, at a stop string (not part
         of the result), after max_new_tokens (-1: no limit), or when the context is full. stream=True returns
         an iterator of text pieces (never half a UTF-8 character, never the start of a stop string).
@@ -327,11 +441,15 @@ class Model:
         Why it stopped is in last_finish_reason afterwards: "stop" (an end-of-generation token or a stop
         string) or "length" (max_new_tokens, or a full context). context_shift=True makes room instead when
         the context fills, as llama.cpp does: the first n_keep tokens (-1: the whole prompt; a BOS is always
-        kept) stay, the older half of the rest is dropped and the kept tokens are evaluated again."""
+        kept) stay, the older half of the rest is dropped and the kept tokens are evaluated again.
+
+        logprobs=n (0-20) records each generated token's log-probability and its n most likely alternatives in
+        last_logprobs (a list of TokenLogprob, one per generated token, end token excluded)."""
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
         ids, sampler, stops = self._prepare(prompt, max_new_tokens, sampling, seed, stop, add_bos)
         shift = self._shift_keep(ids, context_shift, n_keep)
-        pieces = self._stream(ids, int(max_new_tokens), sampler, int(repeat_last_n), stops, shift)
+        n_lp = check_logprobs(logprobs)
+        pieces = self._stream(ids, int(max_new_tokens), sampler, int(repeat_last_n), stops, shift, n_lp)
         if stream:
             return pieces
         return "".join(pieces)
@@ -339,13 +457,16 @@ class Model:
     def generate_tokens(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                         top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                         seed: Optional[int] = None, repeat_last_n: int = 64, add_bos: bool = True,
-                        stop_at_eos: bool = True, context_shift: bool = False, n_keep: int = 0) -> list[int]:
+                        stop_at_eos: bool = True, context_shift: bool = False, n_keep: int = 0,
+                        logprobs: Optional[int] = None) -> list[int]:
         """generate(), returning the new token ids (EOS/EOT excluded; stop_at_eos=False samples past them)."""
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
         ids, sampler, _ = self._prepare(prompt, max_new_tokens, sampling, seed, None, add_bos)
         shift = self._shift_keep(ids, context_shift, n_keep)
+        n_lp = check_logprobs(logprobs)
         with self._exclusive():
-            return list(self._tokens(ids, int(max_new_tokens), sampler, int(repeat_last_n), stop_at_eos, shift))
+            return list(self._tokens(ids, int(max_new_tokens), sampler, int(repeat_last_n), stop_at_eos, shift,
+                                     n_lp))
 
     def _shift_keep(self, ids: np.ndarray, context_shift: bool, n_keep: int) -> Optional[int]:
         """Tokens a context shift keeps at the start (None: no shifting)."""
@@ -447,7 +568,8 @@ class Model:
         return Model._Exclusive(self)
 
     def _tokens(self, prompt: np.ndarray, max_new_tokens: int, sampler: "_core.Sampler", window: int,
-                stop_at_eos: bool = True, shift_keep: Optional[int] = None) -> Iterator[int]:
+                stop_at_eos: bool = True, shift_keep: Optional[int] = None,
+                logprobs: Optional[int] = None) -> Iterator[int]:
         """Evaluate prompt after the longest cached common prefix, then sample and evaluate up to
         max_new_tokens tokens (-1: no limit). Yields each new token id (EOS/EOT are not yielded). A full context
         ends generation, or with shift_keep shifts it (generate's context_shift). Sets last_finish_reason."""
@@ -458,6 +580,7 @@ class Model:
                    "generate_seconds": 0.0, "context_shifts": 0}
         self.last_timings = timings
         self.last_finish_reason = "length"
+        self.last_logprobs = [] if logprobs is not None else None
         n_keep = _common_prefix(core.tokens, prompt)
         if n_keep == prompt.size:
             n_keep -= 1  # the last prompt token must be evaluated again to get its logits
@@ -480,6 +603,8 @@ class Model:
                 break
             i += 1
             timings["generated_tokens"] = i
+            if logprobs is not None:
+                self.last_logprobs.append(token_logprob(logits, token, logprobs))
             yield token
             history.append(token)
             if i == max_new_tokens:
@@ -506,13 +631,15 @@ class Model:
         return core.eval(kept[reuse:].astype(np.int32))
 
     def _stream(self, prompt: np.ndarray, max_new_tokens: int, sampler: "_core.Sampler", window: int,
-                stops: list[str], shift_keep: Optional[int] = None) -> Iterator[str]:
+                stops: list[str], shift_keep: Optional[int] = None,
+                logprobs: Optional[int] = None) -> Iterator[str]:
         """Text pieces of the generated tokens: held back while they end in an incomplete UTF-8 character or
         in a prefix of a stop string."""
         self._acquire()
         try:
             text = _TextStream(self.tokenizer, stops)
-            for token in self._tokens(prompt, max_new_tokens, sampler, window, shift_keep=shift_keep):
+            for token in self._tokens(prompt, max_new_tokens, sampler, window, shift_keep=shift_keep,
+                                      logprobs=logprobs):
                 piece = text.feed(token)
                 if piece:
                     yield piece

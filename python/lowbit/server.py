@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional, Union
 
 from ._core import LowbitError
 from .batch import BatchEngine, Request
-from .model import _TextStream
+from .model import MAX_LOGPROBS, _TextStream
 
 log = logging.getLogger("lowbit.server")
 
@@ -129,7 +129,8 @@ class Worker:
                 job = self._jobs.get(req.id)
                 if job is not None:
                     self.stats["completion_tokens"] += 1
-                    out.setdefault(job, []).append(("token", token))
+                    lp = req.logprobs[-1] if req.logprobs is not None else None  # this step's token's
+                    out.setdefault(job, []).append(("token", (token, lp)))
             for rid, job in list(self._jobs.items()):
                 if job.req.done:
                     del self._jobs[rid]
@@ -166,6 +167,7 @@ def _models():
 
     class CompletionRequest(Common):
         prompt: Union[str, list[int]]
+        logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)  # top alternatives per token
 
     class Message(BaseModel):
         model_config = ConfigDict(extra="allow")
@@ -174,6 +176,8 @@ def _models():
 
     class ChatRequest(Common):
         messages: list[Message] = Field(min_length=1)
+        logprobs: bool = False
+        top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     return CompletionRequest, ChatRequest
 
@@ -254,12 +258,19 @@ def create_app(engine: BatchEngine, model_name: str, api_key: Optional[str] = No
         if max_tokens <= 0:
             raise LowbitError(f"max_tokens must be at least 1, got {max_tokens}")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if isinstance(body, CompletionRequest):
+            logprobs = body.logprobs
+        else:
+            if body.top_logprobs is not None and not body.logprobs:
+                raise LowbitError("top_logprobs needs logprobs: true")
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return dict(max_new_tokens=int(max_tokens), temperature=body.temperature, top_p=body.top_p, top_k=0,
-                    min_p=0.0, seed=body.seed, stop_at_eos=not body.ignore_eos), [s for s in stops if s]
+                    min_p=0.0, seed=body.seed, stop_at_eos=not body.ignore_eos,
+                    logprobs=logprobs), [s for s in stops if s]
 
     async def run(http: HttpRequest, prompt, kw: dict, add_bos: bool, stops: list[str], usage: dict):
-        """Submit, then the text pieces as they come: yields ("text", str) and finally ("done", reason);
-        usage gets the token counts when it ends."""
+        """Submit, then the text pieces as they come: yields ("text", str, [TokenLogprob of the tokens that
+        came with it]) and finally ("done", reason); usage gets the token counts when it ends."""
         if worker.pending() >= max_queue:
             raise _Busy()
         job = _Job(asyncio.get_running_loop(), asyncio.Queue(), dict(prompt=prompt, add_bos=add_bos, **kw))
@@ -278,7 +289,7 @@ def create_app(engine: BatchEngine, model_name: str, api_key: Optional[str] = No
         n_tokens = 0
         try:
             while True:
-                piece = ""
+                piece, lps = "", []
                 for kind, value in await job.out.get():  # the tokens of one engine step
                     if kind == "hangup":
                         return
@@ -286,25 +297,56 @@ def create_app(engine: BatchEngine, model_name: str, api_key: Optional[str] = No
                         raise LowbitError(f"generation failed: {value}")
                     if kind == "done":
                         piece += text.finish()
-                        if piece:
-                            yield "text", piece
+                        if piece or lps:
+                            yield "text", piece, lps
                         yield "done", value
                         return
+                    token, lp = value
                     n_tokens += 1
-                    piece += text.feed(value)
+                    if lp is not None:
+                        lps.append(lp)
+                    piece += text.feed(token)
                     if text.stopped:  # a stop string: the text up to it, and the request ends
-                        if piece:
-                            yield "text", piece
+                        if piece or lps:
+                            yield "text", piece, lps
                         yield "done", "stop"
                         return
-                if piece:
-                    yield "text", piece
+                if piece or lps:
+                    yield "text", piece, lps
         finally:
             watcher.cancel()
             if job.req is not None and not job.req.done:
                 worker.cancel(job)
             p = int(job.req.prompt.size) if job.req is not None else 0
             usage.update(prompt_tokens=p, completion_tokens=n_tokens, total_tokens=p + n_tokens)
+
+    def logprobs_json(lps: list, chat: bool, offset: int) -> dict:
+        """OpenAI's logprobs object for these tokens: chat's {"content": [...]}, or the completions API's
+        tokens / token_logprobs / top_logprobs / text_offset (offsets from `offset` on)."""
+        tok = engine.model.tokenizer
+
+        def piece(i: int) -> tuple[str, list[int]]:
+            b = tok.token_to_piece(i)
+            return b.decode("utf-8", errors="replace"), list(b)
+
+        if chat:
+            content = []
+            for lp in lps:
+                text, raw = piece(lp.token)
+                top = []
+                for i, v in lp.top:
+                    t, r = piece(i)
+                    top.append({"token": t, "logprob": v, "bytes": r})
+                content.append({"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top})
+            return {"content": content}
+        tokens, offsets = [], []
+        for lp in lps:
+            offsets.append(offset)
+            text = piece(lp.token)[0]
+            tokens.append(text)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{piece(i)[0]: v for i, v in lp.top} for lp in lps], "text_offset": offsets}
 
     def chat_prompt(body) -> list[int]:
         msgs = []
@@ -337,32 +379,43 @@ def create_app(engine: BatchEngine, model_name: str, api_key: Optional[str] = No
         except StopAsyncIteration:
             first = None
 
+        want_lp = kw["logprobs"] is not None
         if not body.stream:
-            text, reason = "", None
+            text, reason, lps = "", None, []
             item = first
             while item is not None:
                 if item[0] == "text":
                     text += item[1]
+                    lps += item[2]
                 else:
                     reason = item[1]
                 try:
                     item = await gen.__anext__()
                 except StopAsyncIteration:
                     item = None
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-                      if chat else {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
+            logprobs = logprobs_json(lps, chat, 0) if want_lp else None
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                       "finish_reason": reason}
+                      if chat else {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason})
             return {"id": rid, "object": obj, "created": now, "model": model_name, "choices": [choice],
                     "usage": counts}
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def chunk(delta_or_text: Any, reason: Optional[str]) -> str:
+        offset = 0  # characters of completion text streamed so far (text_offset of the legacy logprobs)
+
+        def chunk(delta_or_text: Any, reason: Optional[str], lps: Optional[list] = None) -> str:
+            nonlocal offset
+            logprobs = None
+            if want_lp and lps is not None:
+                logprobs = logprobs_json(lps, chat, offset)
             if chat:
-                c = {"index": 0, "delta": delta_or_text, "finish_reason": reason}
+                c = {"index": 0, "delta": delta_or_text, "logprobs": logprobs, "finish_reason": reason}
                 o = "chat.completion.chunk"
             else:
-                c = {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": reason}
+                c = {"index": 0, "text": delta_or_text, "logprobs": logprobs, "finish_reason": reason}
                 o = "text_completion"
+                offset += len(delta_or_text)
             return "data: " + json.dumps({"id": rid, "object": o, "created": now, "model": model_name,
                                           "choices": [c]}) + "\n\n"
 
@@ -373,7 +426,7 @@ def create_app(engine: BatchEngine, model_name: str, api_key: Optional[str] = No
                 item = first
                 while item is not None:
                     if item[0] == "text":
-                        yield chunk({"content": item[1]} if chat else item[1], None)
+                        yield chunk({"content": item[1]} if chat else item[1], None, item[2])
                     else:
                         yield chunk({} if chat else "", item[1])
                     try:

@@ -206,6 +206,12 @@ public:
     // n_keep if truncate(n_keep, seq) can keep that many cached positions, else 0: a sliding-window block
     // keeps only the last window + n_batch - 1 positions, so going back further means evaluating from the start.
     int reusable_prefix(int n_keep, int seq = 0) const;
+    // A sequence's cache as bytes (its tokens travel separately): per CPU block the stored rows of the
+    // positions it still holds, K then V, as they are. set_state puts them back into a model of the same
+    // file and KV type whose cache can hold them; anything else throws before the sequence changes. Models
+    // with blocks on the GPU refuse both for now.
+    std::vector<uint8_t> state(int seq = 0) const;
+    void set_state(int seq, const std::vector<int32_t>& tokens, const uint8_t* data, size_t size);
 
     MemoryFootprint memory_footprint() const;
 
@@ -287,7 +293,7 @@ private:
     std::vector<float> rope_cs_[2];  // (n_batch, n_rot) cos, sin pairs per position, per rope table
     std::vector<uint8_t> act_scratch_;  // quantized activations for matmul
 
-    std::mutex mutex_;  // one eval at a time per model
+    mutable std::mutex mutex_;  // one eval at a time per model
 };
 
 }  // namespace lowbit
