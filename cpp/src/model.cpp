@@ -51,18 +51,27 @@ Model::~Model() = default;
 // the forward pass
 
 void Model::eval(const int32_t* tokens, int n, float* logits, bool all_logits) {
+    eval_rows(tokens, n, logits, all_logits ? EvalOut::kAllLogits : EvalOut::kLastLogits, 0);
+}
+
+void Model::eval_hidden(const int32_t* tokens, int n, float* hidden, int seq) {
+    eval_rows(tokens, n, hidden, EvalOut::kHidden, seq);
+}
+
+void Model::eval_rows(const int32_t* tokens, int n, float* out, EvalOut what, int seq) {
     std::lock_guard<std::mutex> lock(mutex_);
     // Every check comes before any state changes, so a failed call leaves the model as it was.
     if (n <= 0 || tokens == nullptr) throw Error("eval needs at least one token");
-    if (logits == nullptr) throw Error("eval needs an output buffer for the logits");
+    if (out == nullptr) throw Error("eval needs an output buffer");
+    const int past = n_past(seq);  // (checks seq)
     for (int i = 0; i < n; ++i) {
         if (tokens[i] < 0 || tokens[i] >= config_.n_vocab) {
             throw Error("token id " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
                         " is out of range for a vocabulary of " + std::to_string(config_.n_vocab));
         }
     }
-    if (static_cast<int64_t>(n_past()) + n > n_ctx_) {
-        throw Error("the context is full: " + std::to_string(n_past()) + " cached + " + std::to_string(n) +
+    if (static_cast<int64_t>(past) + n > n_ctx_) {
+        throw Error("the context is full: " + std::to_string(past) + " cached + " + std::to_string(n) +
                     " new tokens > n_ctx " + std::to_string(n_ctx_) +
                     "; reset the model, shorten the prompt, or load with a larger n_ctx");
     }
@@ -71,18 +80,20 @@ void Model::eval(const int32_t* tokens, int n, float* logits, bool all_logits) {
     }
 
     const ModelConfig& c = config_;
-    std::vector<int32_t>& cached = seqs_[0].tokens;
+    std::vector<int32_t>& cached = seqs_[seq].tokens;
     for (int done = 0; done < n;) {
         const int nc = std::min(params_.n_batch, n - done);
         for (int i = 0; i < nc; ++i) {
-            row_seq_[i] = 0;
-            row_pos_[i] = n_past() + i;
+            row_seq_[i] = seq;
+            row_pos_[i] = static_cast<int>(cached.size()) + i;
         }
         forward(tokens + done, nc);
-        if (all_logits) {
-            head(x_.data(), nc, logits + static_cast<int64_t>(done) * c.n_vocab);
+        if (what == EvalOut::kHidden) {
+            norm(x_.data(), output_norm, nc, out + static_cast<int64_t>(done) * c.n_embd);
+        } else if (what == EvalOut::kAllLogits) {
+            head(x_.data(), nc, out + static_cast<int64_t>(done) * c.n_vocab);
         } else if (done + nc == n) {
-            head(x_.data() + static_cast<int64_t>(nc - 1) * c.n_embd, 1, logits);
+            head(x_.data() + static_cast<int64_t>(nc - 1) * c.n_embd, 1, out);
         }
         // Only now is the chunk part of the cache.
         cached.insert(cached.end(), tokens + done, tokens + done + nc);

@@ -93,6 +93,22 @@ void bind_model(py::module_& m) {
             py::arg("tokens"), py::arg("all_logits") = false,
             "Evaluate tokens after the cached ones; returns the last token's logits (n_vocab,) or all (n, n_vocab).")
         .def(
+            "eval_hidden",
+            [](Model& self, const IntArray& tokens, int seq) {
+                std::vector<int32_t> ids = to_vector(tokens);
+                py::array_t<float> out({static_cast<py::ssize_t>(ids.size()),
+                                        static_cast<py::ssize_t>(self.config().n_embd)});
+                float* dst = out.mutable_data();
+                {
+                    py::gil_scoped_release release;
+                    self.eval_hidden(ids.data(), static_cast<int>(ids.size()), dst, seq);
+                }
+                return out;
+            },
+            py::arg("tokens"), py::arg("seq") = 0,
+            "Evaluate tokens after a sequence's cached ones; returns their final hidden states (n, n_embd), the "
+            "output of the last norm.")
+        .def(
             "eval_batch",
             [](Model& self, const std::vector<std::pair<int, IntArray>>& inputs) {
                 std::vector<std::vector<int32_t>> ids;

@@ -117,6 +117,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    texts = list(args.prompt or [])
+    if args.file:
+        texts += [line for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise SystemExit("lowbit embed: give texts with -p TEXT (repeatable) or -f FILE (one per line)")
+    model = _load(args)
+    vectors = model.embed(texts, pooling=args.pooling, normalize=not args.no_normalize)
+    json.dump([[round(float(x), 7) for x in v] for v in vectors], sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     model = _load(args)
     messages: list[dict] = []
@@ -357,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt", help="ask one question and exit")
     p.add_argument("-n", "--n-predict", type=int, default=256, help="max tokens per reply (-1: no limit)")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("embed", help="embeddings of texts (pooled final hidden states), printed as JSON")
+    _add_model_args(p)
+    p.add_argument("-p", "--prompt", action="append", help="a text to embed (repeatable)")
+    p.add_argument("-f", "--file", help="texts to embed, one per line")
+    p.add_argument("--pooling", choices=("mean", "last", "cls"), default="mean")
+    p.add_argument("--no-normalize", action="store_true", help="keep the vectors' lengths (default: unit length)")
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("bench", help="prompt and decode tokens/s")
     _add_model_args(p)

@@ -336,6 +336,44 @@ class Model:
             core.truncate(0)
             return core.eval(ids, all_logits=True)
 
+    # ---- embeddings ---------------------------------------------------------------------------------
+
+    def embed(self, texts: Union[str, Sequence[str], Sequence[int], Sequence[Sequence[int]]], pooling: str = "mean",
+              normalize: bool = True, add_bos: bool = True) -> np.ndarray:
+        """Embeddings from the final hidden states (the output of the last norm, as transformers'
+        last_hidden_state and llama.cpp's embeddings): (len(texts), n_embd) float32, or (n_embd,) for one str
+        or one list of token ids. pooling: "mean" over the tokens, "last" token or first ("cls") token;
+        normalize: scale each vector to unit length. Each text is evaluated on its own from an empty cache."""
+        if pooling not in ("mean", "last", "cls"):
+            raise LowbitError(f"pooling must be 'mean', 'last' or 'cls', got {pooling!r}")
+        single = isinstance(texts, str) or (len(texts) > 0 and all(isinstance(t, (int, np.integer))
+                                                                    for t in texts))
+        items = [texts] if single else list(texts)
+        if not items:
+            raise LowbitError("embed needs at least one text")
+        out = np.empty((len(items), self._config.n_embd), dtype=np.float32)
+        for k, item in enumerate(items):
+            if isinstance(item, str):
+                ids = np.asarray(self.tokenize(item, add_bos=add_bos), dtype=np.int32)
+            else:
+                ids = self._check_ids(item, "embed input")
+            if ids.size == 0:
+                raise LowbitError(f"embed: input {k} has no tokens")
+            if ids.size > self.n_ctx:
+                raise LowbitError(f"embed: input {k} has {ids.size} tokens, more than the context of {self.n_ctx}; "
+                                  "shorten it or load the model with a larger n_ctx")
+            with self._exclusive():
+                core = self._model()
+                core.truncate(0)
+                hidden = core.eval_hidden(ids)
+            v = hidden.mean(axis=0, dtype=np.float64) if pooling == "mean" else \
+                hidden[-1 if pooling == "last" else 0].astype(np.float64)
+            if normalize:
+                norm = np.linalg.norm(v)
+                v = v / norm if norm > 0 else v
+            out[k] = v
+        return out[0] if single else out
+
     # ---- saved state ----------------------------------------------------------------------------------
 
     def save_state(self, path: Union[str, os.PathLike]) -> None:

@@ -195,6 +195,9 @@ public:
     // n_batch. logits: (n_vocab) for the last token, or (n, n_vocab) when all_logits. Bad input throws
     // Error before any state changes; the cache only ever holds fully evaluated chunks.
     void eval(const int32_t* tokens, int n, float* logits, bool all_logits);
+    // eval() of one sequence that returns, instead of logits, every token's final hidden state (n, n_embd):
+    // the output of the last norm, what the head would read (embeddings).
+    void eval_hidden(const int32_t* tokens, int n, float* hidden, int seq = 0);
     // Several sequences at once (continuous batching): each input's tokens follow its sequence's cached ones,
     // and all inputs' rows go through each matmul together (the weights are read once per n_batch rows), each
     // row attending to its own sequence. logits (inputs.size(), n_vocab): the last token of each input. A
@@ -225,6 +228,9 @@ private:
     void read_config(const std::string& path);
     void load_tensors();
     void allocate_state();
+
+    enum class EvalOut { kLastLogits, kAllLogits, kHidden };
+    void eval_rows(const int32_t* tokens, int n, float* out, EvalOut what, int seq);
 
     // ---- the forward pass: n <= n_batch rows, row i token tokens[i] of sequence row_seq_[i] at position
     // row_pos_[i] (one sequence's rows are consecutive positions, in order) ----
