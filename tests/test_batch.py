@@ -154,3 +154,24 @@ def test_engine_bad_requests():
         eng.run()
         assert full.finish_reason == "length" and len(full.tokens) == 128 - 125 + 1
         assert unlimited.finish_reason == "length" and unlimited.tokens == full.tokens  # -1: until the context
+
+
+def test_engine_embeds_in_a_free_sequence():
+    """BatchEngine.embed runs in a sequence no request uses, between steps, and gives Model.embed's vectors; the
+    requests running beside it are not disturbed; with every sequence busy it refuses."""
+    texts = ["the sea at dawn", "a fisherman's village"]
+    with lowbit.load(tiny_gguf("llama3", "f32"), n_ctx=128, n_threads=N_THREADS) as m:
+        want = m.embed(texts, pooling="last")
+        alone = m.generate_tokens([5, 6, 7], max_new_tokens=10, temperature=0.0, stop_at_eos=False)
+    with _engine(n_seq=2) as eng:
+        req = eng.submit([5, 6, 7], max_new_tokens=10, temperature=0.0, stop_at_eos=False)
+        eng.step()
+        got = eng.embed(texts, pooling="last")
+        assert np.allclose(got, want, rtol=0, atol=1e-6) and eng.last_embed_tokens == sum(
+            len(eng.model.tokenize(t)) for t in texts)
+        other = eng.submit([8, 9], max_new_tokens=10, temperature=0.0)
+        eng.step()
+        with pytest.raises(lowbit.LowbitError, match="every sequence is busy"):
+            eng.embed("x")
+        eng.run()
+        assert req.tokens == alone and other.done

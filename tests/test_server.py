@@ -142,6 +142,29 @@ def test_logprobs_equal_the_library(server, local):
     assert plain.choices[0].logprobs is None
 
 
+def test_embeddings_equal_the_library(server, local):
+    """/v1/embeddings: Model.embed's mean-pooled, unit-length vectors (the same KV type as the server's), as
+    float lists or base64 (what the openai client asks for by default); token ids are accepted too."""
+    import numpy as np
+
+    c = _client(server[0])
+    texts = ["The sea at dawn.", "def fibonacci(n):"]
+    want = local.embed(texts)
+    r = c.embeddings.create(model="x", input=texts)  # base64 on the wire
+    got = np.asarray([d.embedding for d in r.data], dtype=np.float32)
+    assert [d.index for d in r.data] == [0, 1] and np.allclose(got, want, rtol=0, atol=1e-5)
+    assert r.usage.prompt_tokens == sum(len(local.tokenize(t)) for t in texts)
+    r = c.embeddings.create(model="x", input=texts[0], encoding_format="float")
+    assert np.allclose(np.asarray(r.data[0].embedding, dtype=np.float32), want[0], rtol=0, atol=1e-5)
+    ids = local.tokenize(texts[1])
+    r = c.embeddings.create(model="x", input=ids, encoding_format="float")
+    assert np.allclose(np.asarray(r.data[0].embedding, dtype=np.float32), want[1], rtol=0, atol=1e-5)
+    code, payload = _post(server[0], "/v1/embeddings", json.dumps({"input": "hi", "dimensions": 3}).encode())
+    assert code == 400 and "dimensions" in payload["error"]["message"]
+    code, payload = _post(server[0], "/v1/embeddings", json.dumps({"input": []}).encode())
+    assert code == 400 and "at least one" in payload["error"]["message"]
+
+
 def test_stop_strings_end_the_text(server, local):
     c = _client(server[0])
     full = local.generate(PROMPTS[0], max_new_tokens=20, temperature=0.0)

@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from ._core import LowbitError
-from .model import Model, Prompt, SamplingParams, _common_prefix, check_logprobs, token_logprob
+from .model import Model, Prompt, SamplingParams, _common_prefix, check_logprobs, pool_hidden, token_logprob
 
 
 _NO_HISTORY = np.zeros(0, dtype=np.int32)
@@ -188,6 +188,24 @@ class BatchEngine:
             if 0 <= req.max_new_tokens <= len(req.tokens) or cached >= self.model.n_ctx:  # -1: no limit
                 self._finish(req, "length")
         return events
+
+    def free_sequence(self) -> Optional[int]:
+        """A sequence no request runs in (None if all are busy)."""
+        return next((s for s in range(self.n_seq) if s not in self._running), None)
+
+    def embed(self, texts: Any, pooling: str = "mean", normalize: bool = True, add_bos: bool = True) -> np.ndarray:
+        """Model.embed's embeddings, computed in a sequence no request is using (between steps, on the thread
+        that steps the engine). LowbitError when every sequence is busy: call again after a step."""
+        single, inputs = self.model.embed_inputs(texts, pooling, add_bos)
+        seq = self.free_sequence()
+        if seq is None:
+            raise LowbitError("every sequence is busy; embed after a request ends")
+        self.last_embed_tokens = sum(int(ids.size) for ids in inputs)
+        out = np.empty((len(inputs), self.model.config.n_embd), dtype=np.float32)
+        for k, ids in enumerate(inputs):
+            self._core.truncate(0, seq=seq)
+            out[k] = pool_hidden(self._core.eval_hidden(ids, seq=seq), pooling, normalize)
+        return out[0] if single else out
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason

@@ -129,6 +129,17 @@ def token_logprob(logits: np.ndarray, token: int, n: int) -> TokenLogprob:
 _STATE_MAGIC = b"LOWBIT-STATE-1\n\0"
 
 
+def pool_hidden(hidden: np.ndarray, pooling: str, normalize: bool) -> np.ndarray:
+    """One embedding from a text's final hidden states (n, n_embd): mean, last or first ("cls") row, optionally
+    scaled to unit length (float64 arithmetic, float32 result)."""
+    v = hidden.mean(axis=0, dtype=np.float64) if pooling == "mean" else \
+        hidden[-1 if pooling == "last" else 0].astype(np.float64)
+    if normalize:
+        norm = np.linalg.norm(v)
+        v = v / norm if norm > 0 else v
+    return v.astype(np.float32)
+
+
 def _default_threads() -> int:
     # Like llama.cpp: the physical cores are what matter; with SMT, half the logical CPUs is a good guess.
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -344,35 +355,41 @@ class Model:
         last_hidden_state and llama.cpp's embeddings): (len(texts), n_embd) float32, or (n_embd,) for one str
         or one list of token ids. pooling: "mean" over the tokens, "last" token or first ("cls") token;
         normalize: scale each vector to unit length. Each text is evaluated on its own from an empty cache."""
+        single, inputs = self.embed_inputs(texts, pooling, add_bos)
+        out = np.empty((len(inputs), self._config.n_embd), dtype=np.float32)
+        for k, ids in enumerate(inputs):
+            with self._exclusive():
+                core = self._model()
+                core.truncate(0)
+                out[k] = pool_hidden(core.eval_hidden(ids), pooling, normalize)
+        return out[0] if single else out
+
+    def embed_inputs(self, texts: Any, pooling: str, add_bos: bool = True) -> tuple[bool, list[np.ndarray]]:
+        """embed()'s inputs checked and tokenized: (one input given, [token ids per input])."""
         if pooling not in ("mean", "last", "cls"):
             raise LowbitError(f"pooling must be 'mean', 'last' or 'cls', got {pooling!r}")
+        if not isinstance(texts, (str, list, tuple, np.ndarray)):
+            raise LowbitError(f"embed takes a str, a list of str, or token ids, got {type(texts).__name__}")
         single = isinstance(texts, str) or (len(texts) > 0 and all(isinstance(t, (int, np.integer))
                                                                     for t in texts))
         items = [texts] if single else list(texts)
         if not items:
             raise LowbitError("embed needs at least one text")
-        out = np.empty((len(items), self._config.n_embd), dtype=np.float32)
+        inputs = []
         for k, item in enumerate(items):
             if isinstance(item, str):
                 ids = np.asarray(self.tokenize(item, add_bos=add_bos), dtype=np.int32)
+            elif isinstance(item, (list, tuple, np.ndarray)):
+                ids = self._check_ids(item, f"embed input {k}")
             else:
-                ids = self._check_ids(item, "embed input")
+                raise LowbitError(f"embed input {k} must be a str or a list of token ids, got {type(item).__name__}")
             if ids.size == 0:
                 raise LowbitError(f"embed: input {k} has no tokens")
             if ids.size > self.n_ctx:
                 raise LowbitError(f"embed: input {k} has {ids.size} tokens, more than the context of {self.n_ctx}; "
                                   "shorten it or load the model with a larger n_ctx")
-            with self._exclusive():
-                core = self._model()
-                core.truncate(0)
-                hidden = core.eval_hidden(ids)
-            v = hidden.mean(axis=0, dtype=np.float64) if pooling == "mean" else \
-                hidden[-1 if pooling == "last" else 0].astype(np.float64)
-            if normalize:
-                norm = np.linalg.norm(v)
-                v = v / norm if norm > 0 else v
-            out[k] = v
-        return out[0] if single else out
+            inputs.append(ids)
+        return single, inputs
 
     # ---- saved state ----------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ frees its sequence for the next step. Requests beyond --parallel wait in a bound
 """
 
 import asyncio
+import base64
 import hmac
 import json
 import logging
@@ -61,13 +62,17 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="lowbit-engine", daemon=True)
         self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0, "cancelled": 0}
         self._recent: list[tuple[float, int]] = []  # (time, tokens) of recent steps, for tokens/s
+        self._embeds: list[_Job] = []  # embedding jobs waiting for a free sequence
         self._thread.start()
 
     def pending(self) -> int:
-        return self._cmds.qsize() + self.engine.queued
+        return self._cmds.qsize() + self.engine.queued + len(self._embeds)
 
     def submit(self, job: _Job) -> None:
         self._cmds.put(("submit", job))
+
+    def embed(self, job: _Job) -> None:
+        self._cmds.put(("embed", job))
 
     def cancel(self, job: _Job) -> None:
         self._cmds.put(("cancel", job))
@@ -99,20 +104,38 @@ class Worker:
             if job.req is not None and job.req.done:  # max_tokens 0
                 self._jobs.pop(job.req.id, None)
                 job.push(("done", job.req.finish_reason))
+        elif kind == "embed":
+            self._embeds.append(job)
+        elif kind == "cancel" and job in self._embeds:
+            self._embeds.remove(job)
         elif kind == "cancel" and job.req is not None and not job.req.done:
             self.engine.cancel(job.req)
             self.stats["cancelled"] += 1
             self._jobs.pop(job.req.id, None)
 
+    def _embed(self) -> None:
+        """Embedding jobs run between steps, each in a sequence no request is using."""
+        while self._embeds and self.engine.free_sequence() is not None:
+            job = self._embeds.pop(0)
+            try:
+                vectors = self.engine.embed(**job.submit)
+                job.push(("embedding", (vectors, self.engine.last_embed_tokens)))
+            except Exception as e:  # noqa: BLE001 - reported to the request's handler
+                self.stats["errors"] += 1
+                job.push(("error", str(e)))
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                # Block only when there is nothing to step.
-                kind, job = self._cmds.get(timeout=None if not self.engine.busy else 0)
+                # Block only when there is nothing to step (or no sequence is free for a waiting embedding).
+                kind, job = self._cmds.get(timeout=None if not self.engine.busy and not self._embeds else 0)
                 self._command(kind, job)
                 continue
             except queue.Empty:
                 pass
+            self._embed()
+            if not self.engine.busy:
+                continue
             try:
                 events = self.engine.step()
             except Exception as e:  # noqa: BLE001 - a failed step ends the requests in it, not the server
@@ -179,7 +202,16 @@ def _models():
         logprobs: bool = False
         top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
-    return CompletionRequest, ChatRequest
+    class EmbeddingRequest(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        model: Optional[str] = None
+        input: Union[str, list[str], list[int], list[list[int]]]
+        encoding_format: Literal["float", "base64"] = "float"
+        dimensions: Optional[int] = None
+        pooling: Literal["mean", "last", "cls"] = "mean"  # lowbit's extensions: Model.embed's options
+        normalize: bool = True
+
+    return CompletionRequest, ChatRequest, EmbeddingRequest
 
 
 # ---- the app ------------------------------------------------------------------------------------------
@@ -191,7 +223,7 @@ def create_app(engine: BatchEngine, model_name: str, api_key: Optional[str] = No
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    CompletionRequest, ChatRequest = _models()
+    CompletionRequest, ChatRequest, EmbeddingRequest = _models()
     worker = Worker(engine, max_queue)
     app = FastAPI(title="lowbit", docs_url=None, redoc_url=None)
     app.state.worker = worker
@@ -450,6 +482,38 @@ def create_app(engine: BatchEngine, model_name: str, api_key: Optional[str] = No
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest, body: ChatRequest):
         return await respond(http, body, chat=True)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(http: HttpRequest, body: EmbeddingRequest):
+        n_embd = engine.model.config.n_embd
+        if body.dimensions is not None and body.dimensions != n_embd:
+            return error(400, f"dimensions: this model's embeddings have {n_embd}; other sizes are not supported",
+                         param="dimensions")
+        if worker.pending() >= max_queue:
+            return error(503, f"the server is busy ({max_queue} requests waiting); retry later", "server_error")
+        job = _Job(asyncio.get_running_loop(), asyncio.Queue(),
+                   dict(texts=body.input, pooling=body.pooling, normalize=body.normalize))
+        worker.embed(job)
+        while True:
+            try:
+                items = await asyncio.wait_for(job.out.get(), timeout=0.5)
+                break
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    worker.cancel(job)
+                    return error(400, "the client went away")
+        kind, value = items[0]
+        if kind == "error":
+            return error(400, value)
+        vectors, n_tokens = value
+        vectors = vectors.reshape(-1, n_embd)
+        data = []
+        for i, v in enumerate(vectors):
+            emb = (base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
+                   else [float(x) for x in v])
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        return {"object": "list", "data": data, "model": model_name,
+                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 
     return app
 
