@@ -347,7 +347,8 @@ def test_n_ctx_above_training_and_missing_template_warn(caplog, tmp_path):
 
 
 def _fake_tokens(model, ids):
-    def fake(prompt, max_new_tokens, sampler, window, stop_at_eos=True, shift_keep=None, logprobs=None):
+    def fake(prompt, max_new_tokens, sampler, window, stop_at_eos=True, shift_keep=None, logprobs=None,
+             constraint=None):
         yield from ids
     return fake
 

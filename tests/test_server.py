@@ -165,6 +165,35 @@ def test_embeddings_equal_the_library(server, local):
     assert code == 400 and "at least one" in payload["error"]["message"]
 
 
+def test_response_format_constrains_the_reply(server, local):
+    """response_format json_schema / json_object and llama.cpp's grammar field give the library's constrained
+    text (generate(json_schema=...) / grammar=); the JSON validates."""
+    pytest.importorskip("llguidance")
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}, "w": {"enum": ["a", "b"]}},
+              "required": ["n", "w"], "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
+    c = _client(server[0])
+    msgs = [{"role": "user", "content": "Give me JSON."}]
+    want = local.chat(msgs, max_new_tokens=40, temperature=0.0, json_schema=schema)
+    r = c.chat.completions.create(model="x", messages=msgs, max_tokens=40, temperature=0,
+                                  response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema}})
+    assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(want), schema)
+    r = c.chat.completions.create(model="x", messages=msgs, max_tokens=60, temperature=0,
+                                  response_format={"type": "json_object"})
+    assert r.choices[0].message.content == local.chat(msgs, max_new_tokens=60, temperature=0.0,
+                                                      json_schema={"type": "object"})
+    r = c.completions.create(model="x", prompt="Answer:", max_tokens=8, temperature=0,
+                             extra_body={"grammar": 'root ::= " yes" | " no"'})
+    assert r.choices[0].text in (" yes", " no")
+    code, payload = _post(server[0], "/v1/chat/completions", json.dumps(
+        {"messages": msgs, "response_format": {"type": "xml"}}).encode())
+    assert code == 400 and "response_format" in payload["error"]["message"]
+    code, payload = _post(server[0], "/v1/completions", json.dumps(
+        {"prompt": "x", "grammar": "root ::= (", "max_tokens": 4}).encode())
+    assert code == 400 and "grammar" in payload["error"]["message"]
+
+
 def test_stop_strings_end_the_text(server, local):
     c = _client(server[0])
     full = local.generate(PROMPTS[0], max_new_tokens=20, temperature=0.0)

@@ -51,6 +51,7 @@ class Request:
     _fed: int = 0                   # prompt tokens evaluated so far (from reused_tokens on)
     _engine: Any = None
     _n_logprobs: Optional[int] = None
+    _constraint: Any = None
 
     @property
     def done(self) -> bool:
@@ -84,15 +85,18 @@ class BatchEngine:
     def submit(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
                seed: Optional[int] = None, add_bos: bool = True, stop_at_eos: bool = True,
-               logprobs: Optional[int] = None) -> Request:
+               logprobs: Optional[int] = None, json_schema: Any = None, grammar: Optional[str] = None,
+               regex: Optional[str] = None) -> Request:
         """Queue a generation (text or token ids; generate()'s arguments, checked the same way). logprobs=n:
-        request.logprobs gets a TokenLogprob per generated token, as generate()'s last_logprobs."""
+        request.logprobs gets a TokenLogprob per generated token, as generate()'s last_logprobs. json_schema,
+        grammar or regex constrain the text as in generate()."""
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
         ids, sampler, _ = self.model.prepare(prompt, max_new_tokens, sampling, seed, None, add_bos)
         n_lp = check_logprobs(logprobs)
+        constraint = self.model._constraint(json_schema, grammar, regex)
         req = Request(next(self._ids), ids, int(max_new_tokens), bool(stop_at_eos), int(repeat_last_n),
                       float(repeat_penalty), _sampler=sampler, _engine=self, _n_logprobs=n_lp,
-                      logprobs=[] if n_lp is not None else None)
+                      logprobs=[] if n_lp is not None else None, _constraint=constraint)
         if req.max_new_tokens == 0:
             req.finish_reason = "length"
         else:
@@ -175,17 +179,22 @@ class BatchEngine:
                 recent = np.ascontiguousarray(history if window < 0 else history[-window:])
             else:
                 recent = _NO_HISTORY
-            token = int(req._sampler.sample(row, recent))
+            allowed = req._constraint.mask(row) if req._constraint is not None else row
+            token = int(req._sampler.sample(allowed, recent))
             if req.stop_at_eos and token in self._eog:
                 self._finish(req, "stop")
                 continue
+            if req._constraint is not None:
+                req._constraint.consume(token)
             req.tokens.append(token)
             if req._n_logprobs is not None:
                 req.logprobs.append(token_logprob(row, token, req._n_logprobs))
             events.append((req, token))
             # As generate(): the last token is sampled, not evaluated; a full context ends the request.
             cached = req.prompt.size + len(req.tokens) - 1  # the prompt and every token but this one
-            if 0 <= req.max_new_tokens <= len(req.tokens) or cached >= self.model.n_ctx:  # -1: no limit
+            if req._constraint is not None and req._constraint.done:
+                self._finish(req, "stop")  # the grammar is complete
+            elif 0 <= req.max_new_tokens <= len(req.tokens) or cached >= self.model.n_ctx:  # -1: no limit
                 self._finish(req, "length")
         return events
 

@@ -488,7 +488,8 @@ class Model:
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: Optional[int] = None,
                  stop: Union[str, Sequence[str], None] = None, stream: bool = False, repeat_last_n: int = 64,
                  add_bos: bool = True, context_shift: bool = False, n_keep: int = 0,
-                 logprobs: Optional[int] = None) -> Union[str, Iterator[str]]:
+                 logprobs: Optional[int] = None, json_schema: Union[None, str, Mapping[str, Any]] = None,
+                 grammar: Optional[str] = None, regex: Optional[str] = None) -> Union[str, Iterator[str]]:
         """Continue prompt (text, or token ids used as they are). Stops at EOS/EOT, at a stop string (not part
         of the result), after max_new_tokens (-1: no limit), or when the context is full. stream=True returns
         an iterator of text pieces (never half a UTF-8 character, never the start of a stop string).
@@ -499,12 +500,17 @@ class Model:
         kept) stay, the older half of the rest is dropped and the kept tokens are evaluated again.
 
         logprobs=n (0-20) records each generated token's log-probability and its n most likely alternatives in
-        last_logprobs (a list of TokenLogprob, one per generated token, end token excluded)."""
+        last_logprobs (a list of TokenLogprob, one per generated token, end token excluded).
+
+        json_schema (a dict or its JSON text), grammar (GBNF as llama.cpp's, or Lark) or regex constrains the
+        text token by token (lowbit.constrain; the `structured` extra): it ends when the grammar is complete."""
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
         ids, sampler, stops = self._prepare(prompt, max_new_tokens, sampling, seed, stop, add_bos)
         shift = self._shift_keep(ids, context_shift, n_keep)
         n_lp = check_logprobs(logprobs)
-        pieces = self._stream(ids, int(max_new_tokens), sampler, int(repeat_last_n), stops, shift, n_lp)
+        constraint = self._constraint(json_schema, grammar, regex)
+        pieces = self._stream(ids, int(max_new_tokens), sampler, int(repeat_last_n), stops, shift, n_lp,
+                              constraint)
         if stream:
             return pieces
         return "".join(pieces)
@@ -513,15 +519,23 @@ class Model:
                         top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                         seed: Optional[int] = None, repeat_last_n: int = 64, add_bos: bool = True,
                         stop_at_eos: bool = True, context_shift: bool = False, n_keep: int = 0,
-                        logprobs: Optional[int] = None) -> list[int]:
+                        logprobs: Optional[int] = None, json_schema: Union[None, str, Mapping[str, Any]] = None,
+                        grammar: Optional[str] = None, regex: Optional[str] = None) -> list[int]:
         """generate(), returning the new token ids (EOS/EOT excluded; stop_at_eos=False samples past them)."""
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
         ids, sampler, _ = self._prepare(prompt, max_new_tokens, sampling, seed, None, add_bos)
         shift = self._shift_keep(ids, context_shift, n_keep)
         n_lp = check_logprobs(logprobs)
+        constraint = self._constraint(json_schema, grammar, regex)
         with self._exclusive():
             return list(self._tokens(ids, int(max_new_tokens), sampler, int(repeat_last_n), stop_at_eos, shift,
-                                     n_lp))
+                                     n_lp, constraint))
+
+    def _constraint(self, json_schema: Any, grammar: Any, regex: Any) -> Optional["Constraint"]:
+        from .constrain import Constraint, grammar_text
+
+        text = grammar_text(json_schema, grammar, regex)
+        return Constraint(self, text) if text is not None else None
 
     def _shift_keep(self, ids: np.ndarray, context_shift: bool, n_keep: int) -> Optional[int]:
         """Tokens a context shift keeps at the start (None: no shifting)."""
@@ -624,7 +638,7 @@ class Model:
 
     def _tokens(self, prompt: np.ndarray, max_new_tokens: int, sampler: "_core.Sampler", window: int,
                 stop_at_eos: bool = True, shift_keep: Optional[int] = None,
-                logprobs: Optional[int] = None) -> Iterator[int]:
+                logprobs: Optional[int] = None, constraint: Optional["Constraint"] = None) -> Iterator[int]:
         """Evaluate prompt after the longest cached common prefix, then sample and evaluate up to
         max_new_tokens tokens (-1: no limit). Yields each new token id (EOS/EOT are not yielded). A full context
         ends generation, or with shift_keep shifts it (generate's context_shift). Sets last_finish_reason."""
@@ -652,16 +666,22 @@ class Model:
         i = 0
         while True:
             recent = history if window < 0 else history[-window:] if window else []
-            token = sampler.sample(logits, np.asarray(recent, dtype=np.int32))
+            allowed = constraint.mask(logits) if constraint is not None else logits
+            token = sampler.sample(allowed, np.asarray(recent, dtype=np.int32))
             if token in eos:
                 self.last_finish_reason = "stop"
                 break
+            if constraint is not None:
+                constraint.consume(token)
             i += 1
             timings["generated_tokens"] = i
             if logprobs is not None:
                 self.last_logprobs.append(token_logprob(logits, token, logprobs))
             yield token
             history.append(token)
+            if constraint is not None and constraint.done:
+                self.last_finish_reason = "stop"
+                break
             if i == max_new_tokens:
                 break
             if core.n_past >= core.n_ctx:
@@ -687,14 +707,14 @@ class Model:
 
     def _stream(self, prompt: np.ndarray, max_new_tokens: int, sampler: "_core.Sampler", window: int,
                 stops: list[str], shift_keep: Optional[int] = None,
-                logprobs: Optional[int] = None) -> Iterator[str]:
+                logprobs: Optional[int] = None, constraint: Optional["Constraint"] = None) -> Iterator[str]:
         """Text pieces of the generated tokens: held back while they end in an incomplete UTF-8 character or
         in a prefix of a stop string."""
         self._acquire()
         try:
             text = _TextStream(self.tokenizer, stops)
             for token in self._tokens(prompt, max_new_tokens, sampler, window, shift_keep=shift_keep,
-                                      logprobs=logprobs):
+                                      logprobs=logprobs, constraint=constraint):
                 piece = text.feed(token)
                 if piece:
                     yield piece

@@ -187,6 +187,9 @@ def _models():
         stream_options: Optional[StreamOptions] = None
         n: int = 1
         ignore_eos: bool = False  # llama.cpp server's extension: generate past end-of-generation tokens
+        response_format: Optional[dict[str, Any]] = None  # {"type": "text" | "json_object" | "json_schema"}
+        json_schema: Optional[dict[str, Any]] = None      # llama.cpp server's extensions
+        grammar: Optional[str] = None
 
     class CompletionRequest(Common):
         prompt: Union[str, list[int]]
@@ -298,7 +301,27 @@ def create_app(engine: BatchEngine, model_name: str, api_key: Optional[str] = No
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return dict(max_new_tokens=int(max_tokens), temperature=body.temperature, top_p=body.top_p, top_k=0,
                     min_p=0.0, seed=body.seed, stop_at_eos=not body.ignore_eos,
-                    logprobs=logprobs), [s for s in stops if s]
+                    logprobs=logprobs, **constraint_of(body)), [s for s in stops if s]
+
+    def constraint_of(body) -> dict:
+        """OpenAI's response_format, or llama.cpp's json_schema / grammar fields, as generate()'s arguments."""
+        rf, kw = body.response_format, {}
+        if rf is not None:
+            kind = rf.get("type")
+            if kind == "json_object":
+                kw["json_schema"] = rf.get("schema") or {"type": "object"}
+            elif kind == "json_schema":
+                spec = rf.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                    raise LowbitError("response_format.json_schema must be an object with a 'schema' object")
+                kw["json_schema"] = spec.get("schema") or {"type": "object"}
+            elif kind != "text":
+                raise LowbitError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+        if body.json_schema is not None:
+            kw["json_schema"] = body.json_schema
+        if body.grammar is not None:
+            kw["grammar"] = body.grammar
+        return kw
 
     async def run(http: HttpRequest, prompt, kw: dict, add_bos: bool, stops: list[str], usage: dict):
         """Submit, then the text pieces as they come: yields ("text", str, [TokenLogprob of the tokens that
