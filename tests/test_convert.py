@@ -306,6 +306,10 @@ def test_nf4_matches_bitsandbytes(tiny, tiny_expected, tmp_path):
         if want.ndim == 1:
             assert int(t.qtype) == 0
             continue
+        if name == "output.weight":  # the head: Q6_K, or Q8_0 where rows (64 here) do not fill 256
+            assert t.qtype == lowbit.QType.Q8_0
+            np.testing.assert_array_equal(t.data, lowbit.quantize(want, lowbit.QType.Q8_0).reshape(-1))
+            continue
         assert int(t.qtype) == 1024
         packed, state = quantize_4bit(torch.from_numpy(want), blocksize=64, quant_type="nf4")
         ref = dequantize_4bit(packed, state).numpy()
@@ -326,6 +330,9 @@ def test_nf4_dq_matches_bitsandbytes_double_quant(tiny, tiny_expected, tmp_path)
     assert f.metadata["general.file_type"] == 1025
     for name, want in tiny_expected.items():
         t = f.tensor(name)
+        if name == "output.weight":  # the head: 8 bits (see test_nf4_matches_bitsandbytes)
+            assert t.qtype == lowbit.QType.Q8_0
+            continue
         assert int(t.qtype) == (0 if want.ndim == 1 else 1025)
         if want.ndim == 2:
             packed, state = quantize_4bit(torch.from_numpy(want), blocksize=64, quant_type="nf4",
@@ -728,10 +735,18 @@ def test_requantizing_needs_allow_requantize(f16_models, tmp_path, caplog):
         np.testing.assert_array_equal(np.asarray(t.data).view(np.uint8).reshape(-1), src.tensor(name).data)
 
 
-def test_lowbit_types_keep_every_matrix(f16_models, tmp_path):
+def test_lowbit_types_keep_every_matrix_but_the_head(f16_models, tmp_path):
+    """NF4/FP4 files: every matrix in the type except the output head (the tied token embedding when there is no
+    output.weight), which gets Q6_K as in llama.cpp's 4-bit file types; --pure keeps it 4-bit too."""
     for name, qtype in (("nf4", lowbit.QType.NF4), ("fp4", lowbit.QType.FP4)):
-        out = lowbit.quantize_file(f16_models["k256"], tmp_path / f"{name}.gguf", name, progress=False)
+        src = f16_models["k256"]
+        names = {t.name for t in lowbit.GGUFFile(src).tensors}
+        head = "output.weight" if "output.weight" in names else "token_embd.weight"
+        out = lowbit.quantize_file(src, tmp_path / f"{name}.gguf", name, progress=False)
         f = lowbit.GGUFFile(out)
         assert f.metadata["general.file_type"] == int(qtype)
         for t in f.tensors:
-            assert t.qtype == (qtype if len(t.shape) == 2 else lowbit.QType.F32), t.name
+            want = lowbit.QType.Q6_K if t.name == head else qtype if len(t.shape) == 2 else lowbit.QType.F32
+            assert t.qtype == want, t.name
+        pure = lowbit.quantize_file(src, tmp_path / f"{name}-pure.gguf", name, progress=False, pure=True)
+        assert lowbit.GGUFFile(pure).tensor(head).qtype == qtype
