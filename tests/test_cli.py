@@ -256,3 +256,46 @@ def test_errors_are_one_line_and_exit_nonzero(tmp_path):
         r = subprocess.run([sys.executable, "-m", "lowbit", *argv], capture_output=True, text=True)
         assert r.returncode == 1, r.stderr
         assert r.stderr.startswith("lowbit: error:") and "Traceback" not in r.stderr
+
+
+def test_every_subcommand_rejects_bad_input_without_a_traceback(tmp_path):
+    """Each subcommand with a mistake a user makes: a clear message on stderr, exit status 1 (2 for argparse's
+    usage errors), never a Python traceback."""
+    model = str(tiny_gguf("f32"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    short = tmp_path / "short.txt"
+    short.write_text("Too short for one window.")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    missing = str(tmp_path / "missing.gguf")
+    cases = [
+        (["run", "-m", missing, "-p", "x"], 1, "does not exist"),
+        (["run", "-m", model], None, "prompt"),
+        (["run", "-m", model, "-p", "x", "-n", "-5"], 1, "max_new_tokens"),
+        (["run", "-m", model, "-p", "x", "--temp", "-1"], 1, "temperature"),
+        (["run", "-m", model, "-p", "x", "-c", "-3"], 1, "n_ctx"),
+        (["run", "-m", model, "-p", "x", "-t", "0"], 1, "n_threads"),
+        (["run", "-m", model, "-f", str(tmp_path / "nope.txt")], 1, "nope.txt"),
+        (["run", "-m", str(bad), "-p", "x"], 1, "GGUF"),
+        (["run", "-m", model, "-p", "x", "--keep", "-4", "--context-shift"], 1, "n_keep"),
+        (["chat", "-m", missing, "-p", "x"], 1, "does not exist"),
+        (["embed", "-m", model], None, "-p TEXT"),
+        (["embed", "-m", model, "-f", str(empty)], None, "-p TEXT"),
+        (["bench", "-m", model, "-p", "0"], 1, ""),
+        (["perplexity", "-m", model, "-f", str(short), "--ppl-ctx", "64"], 1, "too short"),
+        (["perplexity", "-m", model, "-f", str(short), "--ppl-ctx", "1"], 1, ""),
+        (["inspect", str(bad)], 1, "GGUF"),
+        (["inspect", missing], 1, "missing.gguf"),
+        (["quantize", missing, str(tmp_path / "o.gguf"), "q4_0"], 1, "missing.gguf"),
+        (["quantize", model, str(tmp_path / "o.gguf"), "q9_9"], 1, "unknown file type"),
+        (["convert", str(tmp_path), "--outtype", "q4_0", "-o", str(tmp_path / "c.gguf")], 1, "config.json"),
+        (["serve", "-m", missing, "--port", "1"], 1, "does not exist"),
+    ]
+    for argv, code, words in cases:
+        r = subprocess.run([sys.executable, "-m", "lowbit", *argv], capture_output=True, text=True, timeout=120)
+        assert "Traceback" not in r.stderr, (argv, r.stderr[-2000:])
+        assert r.returncode != 0, (argv, r.stdout[-500:])
+        if code is not None:
+            assert r.returncode == code, (argv, r.returncode, r.stderr[-500:])
+        assert words.lower() in r.stderr.lower(), (argv, r.stderr[-500:])

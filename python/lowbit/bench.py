@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ._core import LowbitError
+
 
 def bench_model(model, n_prompt: int = 128, n_gen: int = 64, repetitions: int = 3, seed: int = 0) -> dict[str, Any]:
     """Prompt processing (n_prompt tokens in one batch) and greedy decode (n_gen tokens, EOS ignored) speed.
@@ -39,13 +41,15 @@ def perplexity(model, text: str, n_ctx: int = 512, max_chunks: Optional[int] = N
     start of each window, and score the second half of each window (each token predicted from at least
     n_ctx/2 tokens of context). Returns ppl, its standard error, and the per-window mean NLLs."""
     if n_ctx < 16 or n_ctx > model.n_ctx:
-        raise ValueError(f"n_ctx must be in [16, {model.n_ctx}] (the model's context), got {n_ctx}")
+        raise LowbitError(f"the perplexity window must be in [16, {model.n_ctx}] (the model's context; --ppl-ctx), "
+                          f"got {n_ctx}")
     tokens = model.tokenize(text, add_bos=False)
     n_chunks = len(tokens) // n_ctx
     if max_chunks is not None:
         n_chunks = min(n_chunks, max_chunks)
     if n_chunks == 0:
-        raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of {n_ctx}")
+        raise LowbitError(f"the text is too short: {len(tokens)} tokens, fewer than one window of {n_ctx} "
+                          "(give a longer text or a smaller --ppl-ctx)")
     bos = model.tokenizer.bos_id
     first = n_ctx // 2
     nll_all: list[np.ndarray] = []
