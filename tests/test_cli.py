@@ -274,8 +274,11 @@ def test_every_subcommand_rejects_bad_input_without_a_traceback(tmp_path):
         (["run", "-m", model], None, "prompt"),
         (["run", "-m", model, "-p", "x", "-n", "-5"], 1, "max_new_tokens"),
         (["run", "-m", model, "-p", "x", "--temp", "-1"], 1, "temperature"),
-        (["run", "-m", model, "-p", "x", "-c", "-3"], 1, "n_ctx"),
-        (["run", "-m", model, "-p", "x", "-t", "0"], 1, "n_threads"),
+        (["run", "-m", model, "-p", "x", "-c", "-3"], 2, "-c must be at least 0"),
+        (["run", "-m", model, "-p", "x", "-t", "0"], 2, "-t must be at least 1"),
+        (["run", "-m", model, "-p", "x", "-t", "two"], 2, "-t must be an integer"),
+        (["run", "-m", model, "-p", "x", "-b", "0"], 2, "-b must be at least 1"),
+        (["run", "-m", model, "-p", "   "], 1, "the prompt is empty"),
         (["run", "-m", model, "-f", str(tmp_path / "nope.txt")], 1, "nope.txt"),
         (["run", "-m", str(bad), "-p", "x"], 1, "GGUF"),
         (["run", "-m", model, "-p", "x", "--keep", "-4", "--context-shift"], 1, "n_keep"),
@@ -292,6 +295,8 @@ def test_every_subcommand_rejects_bad_input_without_a_traceback(tmp_path):
         (["convert", str(tmp_path), "--outtype", "q4_0", "-o", str(tmp_path / "c.gguf")], 1, "config.json"),
         (["serve", "-m", missing, "--port", "1"], 1, "does not exist"),
     ]
+    if not lowbit.cuda_info()["compiled"]:
+        cases.append((["run", "-m", model, "-p", "x", "-ngl", "4"], 1, "built without CUDA; drop -ngl"))
     for argv, code, words in cases:
         r = subprocess.run([sys.executable, "-m", "lowbit", *argv], capture_output=True, text=True, timeout=120)
         assert "Traceback" not in r.stderr, (argv, r.stderr[-2000:])

@@ -27,15 +27,31 @@ def _human_bytes(n: float) -> str:
 # ---- model options shared by run / chat / bench / perplexity ---------------------------------------
 
 
+def _int_at_least(lo: int, what: str):
+    """argparse type: an integer >= lo, with a message in the command line's words."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"{what} must be at least {lo}, got {value}")
+        return value
+    return parse
+
+
 def _add_model_args(p: argparse.ArgumentParser, model_positional: bool = True, kv_type: str = "f32") -> None:
     if model_positional:
         p.add_argument("model_pos", nargs="?", metavar="MODEL", help="GGUF file")
     p.add_argument("-m", "--model", help="GGUF file (same as the positional MODEL)")
-    p.add_argument("-c", "--ctx-size", type=int, default=0, help="context length (0: the file's, at most 4096)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
-                   help="transformer blocks to offload to the CUDA GPU (-1: all)")
-    p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens evaluated per batch")
+    p.add_argument("-c", "--ctx-size", type=_int_at_least(0, "-c"), default=0,
+                   help="context length (0: the file's, at most 4096)")
+    p.add_argument("-t", "--threads", type=_int_at_least(1, "-t"), default=None,
+                   help="CPU threads (default: the physical cores)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=_int_at_least(-1, "-ngl"), default=0,
+                   help="transformer blocks to offload to the CUDA GPU (-1: all; needs a CUDA build)")
+    p.add_argument("-b", "--batch-size", type=_int_at_least(1, "-b"), default=512,
+                   help="prompt tokens evaluated per batch")
     p.add_argument("--kv-type", choices=("f16", "f32"), default=kv_type,
                    help=f"KV cache element type (default {kv_type}; f16 halves its memory and the bytes attention reads)")
 
@@ -64,6 +80,9 @@ def _model_path(args: argparse.Namespace) -> str:
 
 
 def _load(args: argparse.Namespace):
+    if args.n_gpu_layers != 0 and not lowbit.cuda_info()["compiled"]:
+        raise lowbit.LowbitError(f"-ngl {args.n_gpu_layers} needs a GPU, but this lowbit was built without CUDA; "
+                                 "drop -ngl (or rebuild with nvcc on PATH)")
     return lowbit.load(_model_path(args), n_ctx=args.ctx_size, n_threads=args.threads,
                        n_gpu_layers=args.n_gpu_layers, n_batch=args.batch_size,
                        seed=getattr(args, "seed", None), kv_f16=args.kv_type == "f16")
@@ -105,6 +124,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         prompt = Path(args.file).read_text(encoding="utf-8")
     if prompt is None:
         raise SystemExit("lowbit run: give a prompt with -p TEXT or -f FILE")
+    if not prompt.strip():
+        raise lowbit.LowbitError("the prompt is empty; give some text with -p TEXT or -f FILE")
     if not args.no_echo:
         sys.stdout.write(prompt)
         sys.stdout.flush()
