@@ -29,41 +29,38 @@ void KvCache::store_rows(uint8_t* dst, const float* src, int n) {
     }
 }
 
-void KvCache::copy_out(int slot, int pos0, int n, uint8_t* k, uint8_t* v) const {
+// fn(done, at, run) for the runs of rows that positions pos0 .. pos0+n-1 of slot occupy: at most two, up to
+// the end of the ring and then from its start; `at` is the run's first byte in k_ / v_.
+template <class Fn>
+void KvCache::each_run(int slot, int pos0, int n, Fn fn) const {
     const int cap = capacity_[slot];
     for (int done = 0; done < n;) {
         const int row = (pos0 + done) % cap;
         const int run = std::min(n - done, cap - row);
-        const size_t at = offset_[slot] + static_cast<size_t>(row) * row_bytes_;
-        std::memcpy(k + done * row_bytes_, k_.data() + at, run * row_bytes_);
-        std::memcpy(v + done * row_bytes_, v_.data() + at, run * row_bytes_);
+        fn(done, offset_[slot] + static_cast<size_t>(row) * row_bytes_, run);
         done += run;
     }
+}
+
+void KvCache::copy_out(int slot, int pos0, int n, uint8_t* k, uint8_t* v) const {
+    each_run(slot, pos0, n, [&](int done, size_t at, int run) {
+        std::memcpy(k + done * row_bytes_, k_.data() + at, run * row_bytes_);
+        std::memcpy(v + done * row_bytes_, v_.data() + at, run * row_bytes_);
+    });
 }
 
 void KvCache::copy_in(int slot, int pos0, int n, const uint8_t* k, const uint8_t* v) {
-    const int cap = capacity_[slot];
-    for (int done = 0; done < n;) {
-        const int row = (pos0 + done) % cap;
-        const int run = std::min(n - done, cap - row);
-        const size_t at = offset_[slot] + static_cast<size_t>(row) * row_bytes_;
+    each_run(slot, pos0, n, [&](int done, size_t at, int run) {
         std::memcpy(k_.data() + at, k + done * row_bytes_, run * row_bytes_);
         std::memcpy(v_.data() + at, v + done * row_bytes_, run * row_bytes_);
-        done += run;
-    }
+    });
 }
 
 void KvCache::store(int slot, int pos0, int n, const float* k, const float* v) {
-    const int cap = capacity_[slot];
-    // At most two runs of rows: up to the end of the ring, then from its start.
-    for (int done = 0; done < n;) {
-        const int row = (pos0 + done) % cap;
-        const int run = std::min(n - done, cap - row);
-        const size_t at = offset_[slot] + static_cast<size_t>(row) * row_bytes_;
+    each_run(slot, pos0, n, [&](int done, size_t at, int run) {
         store_rows(k_.data() + at, k + done * kv_dim_, run);
         store_rows(v_.data() + at, v + done * kv_dim_, run);
-        done += run;
-    }
+    });
 }
 
 }  // namespace lowbit

@@ -34,6 +34,8 @@ public:
 
 private:
     void store_rows(uint8_t* dst, const float* src, int n);
+    template <class Fn>
+    void each_run(int slot, int pos0, int n, Fn fn) const;
 
     OwnedBuffer k_, v_;
     std::vector<int> capacity_;
