@@ -58,23 +58,29 @@ void Model::eval_hidden(const int32_t* tokens, int n, float* hidden, int seq) {
     eval_rows(tokens, n, hidden, EvalOut::kHidden, seq);
 }
 
-void Model::eval_rows(const int32_t* tokens, int n, float* out, EvalOut what, int seq) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    // Every check comes before any state changes, so a failed call leaves the model as it was.
-    if (n <= 0 || tokens == nullptr) throw Error("eval needs at least one token");
-    if (out == nullptr) throw Error("eval needs an output buffer");
-    const int past = n_past(seq);  // (checks seq)
+// Every check of one sequence's input, before any state changes (so a failed call leaves the model as it was):
+// the sequence exists, there are tokens, each is in the vocabulary, and they fit in its context.
+void Model::check_input(int seq, const int32_t* tokens, int n) const {
+    const int past = n_past(seq);  // throws for a sequence that does not exist
+    const std::string of_seq = n_seq() > 1 ? " of sequence " + std::to_string(seq) : "";
+    if (n <= 0 || tokens == nullptr) throw Error("eval needs at least one token" + of_seq);
     for (int i = 0; i < n; ++i) {
         if (tokens[i] < 0 || tokens[i] >= config_.n_vocab) {
-            throw Error("token id " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
+            throw Error("token id " + std::to_string(tokens[i]) + " at index " + std::to_string(i) + of_seq +
                         " is out of range for a vocabulary of " + std::to_string(config_.n_vocab));
         }
     }
     if (static_cast<int64_t>(past) + n > n_ctx_) {
-        throw Error("the context is full: " + std::to_string(past) + " cached + " + std::to_string(n) +
+        throw Error("the context" + of_seq + " is full: " + std::to_string(past) + " cached + " + std::to_string(n) +
                     " new tokens > n_ctx " + std::to_string(n_ctx_) +
                     "; reset the model, shorten the prompt, or load with a larger n_ctx");
     }
+}
+
+void Model::eval_rows(const int32_t* tokens, int n, float* out, EvalOut what, int seq) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (out == nullptr) throw Error("eval needs an output buffer");
+    check_input(seq, tokens, n);
     if (reader_->file_changed_on_disk()) {
         throw Error("'" + reader_->path() + "' was replaced or truncated on disk after it was loaded; load it again");
     }
@@ -107,24 +113,9 @@ void Model::eval_batch(const std::vector<SeqTokens>& inputs, float* logits) {
     if (logits == nullptr) throw Error("eval_batch needs an output buffer for the logits");
     std::vector<bool> seen(seqs_.size(), false);
     for (const SeqTokens& in : inputs) {
-        if (in.seq < 0 || in.seq >= n_seq()) {
-            throw Error("sequence " + std::to_string(in.seq) + " does not exist (the model holds " +
-                        std::to_string(n_seq()) + "; load with a larger n_seq)");
-        }
+        check_input(in.seq, in.tokens, in.n);
         if (seen[in.seq]) throw Error("sequence " + std::to_string(in.seq) + " appears twice in one eval_batch");
         seen[in.seq] = true;
-        if (in.n <= 0 || in.tokens == nullptr) throw Error("eval_batch: every input needs at least one token");
-        for (int i = 0; i < in.n; ++i) {
-            if (in.tokens[i] < 0 || in.tokens[i] >= config_.n_vocab) {
-                throw Error("token id " + std::to_string(in.tokens[i]) + " of sequence " + std::to_string(in.seq) +
-                            " is out of range for a vocabulary of " + std::to_string(config_.n_vocab));
-            }
-        }
-        if (static_cast<int64_t>(n_past(in.seq)) + in.n > n_ctx_) {
-            throw Error("the context of sequence " + std::to_string(in.seq) + " is full: " +
-                        std::to_string(n_past(in.seq)) + " cached + " + std::to_string(in.n) + " new tokens > n_ctx " +
-                        std::to_string(n_ctx_));
-        }
     }
     if (reader_->file_changed_on_disk()) {
         throw Error("'" + reader_->path() + "' was replaced or truncated on disk after it was loaded; load it again");
@@ -179,7 +170,7 @@ void Model::eval_batch(const std::vector<SeqTokens>& inputs, float* logits) {
 const Model::Sequence& Model::seq_at(int seq) const {
     if (seq < 0 || seq >= n_seq()) {
         throw Error("sequence " + std::to_string(seq) + " does not exist (the model holds " +
-                    std::to_string(n_seq()) + ")");
+                    std::to_string(n_seq()) + "; load with a larger n_seq)");
     }
     return seqs_[seq];
 }

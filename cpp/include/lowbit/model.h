@@ -229,6 +229,7 @@ private:
     void load_tensors();
     void allocate_state();
 
+    void check_input(int seq, const int32_t* tokens, int n) const;
     enum class EvalOut { kLastLogits, kAllLogits, kHidden };
     void eval_rows(const int32_t* tokens, int n, float* out, EvalOut what, int seq);
 
