@@ -319,12 +319,20 @@ def test_context_shift_continues_as_a_fresh_evaluation_of_the_kept_tokens():
             m.generate_tokens(prompt, max_new_tokens=2, context_shift=True, n_keep=39)
 
 
-def test_n_ctx_above_training_and_missing_template_warn(caplog, tmp_path):
+def test_n_ctx_above_training_more_threads_than_cpus_and_missing_template_warn(caplog, tmp_path):
     import logging
+    import os
 
     with caplog.at_level(logging.WARNING, logger="lowbit"):
         with lowbit.load(tiny_gguf("q8_0"), n_threads=N_THREADS, n_ctx=512) as m:  # trained on 256
             assert any("above the 256 positions" in r.getMessage() for r in caplog.records)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        caplog.clear()
+        with lowbit.load(tiny_gguf("q8_0"), n_threads=cpus + 2, n_ctx=64):
+            assert any(f"more than the {cpus} CPUs" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        with lowbit.load(tiny_gguf("q8_0"), n_threads=1, n_ctx=64):
+            assert not any("CPUs" in r.getMessage() for r in caplog.records)
     import json
     import shutil
 

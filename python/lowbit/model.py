@@ -140,9 +140,13 @@ def pool_hidden(hidden: np.ndarray, pooling: str, normalize: bool) -> np.ndarray
     return v.astype(np.float32)
 
 
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _default_threads() -> int:
     # Like llama.cpp: the physical cores are what matter; with SMT, half the logical CPUs is a good guess.
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = _usable_cpus()
     return max(1, n // 2) if n > 4 else n
 
 
@@ -229,6 +233,10 @@ class Model:
                               "rebuild with LOWBIT_CUDA=ON (nvcc on PATH) or pass n_gpu_layers=0")
         self.path = path
         self.n_threads = int(n_threads)
+        if self.n_threads > _usable_cpus():
+            log.warning("n_threads=%d is more than the %d CPUs this process may use: the threads wait on each other "
+                        "and decoding slows down (leave n_threads unset for a guess from the cores)",
+                        self.n_threads, _usable_cpus())
         t0 = time.perf_counter()
         self._core = _core.Model(str(path), n_ctx=int(n_ctx), n_threads=int(n_threads), n_batch=int(n_batch),
                                  n_gpu_layers=int(n_gpu_layers), kv_f16=bool(kv_f16), n_seq=int(n_seq))
