@@ -175,3 +175,19 @@ def test_engine_embeds_in_a_free_sequence():
             eng.embed("x")
         eng.run()
         assert req.tokens == alone and other.done
+
+
+def test_a_failing_constraint_ends_only_its_own_request():
+    class DeadEnd:
+        def mask(self, logits):
+            raise lowbit.LowbitError("the grammar allows no next token: dead end")
+
+    with lowbit.load(tiny_gguf("llama3", "f32"), n_ctx=128, n_threads=N_THREADS) as m:
+        alone = m.generate_tokens([5, 6, 7], max_new_tokens=6, temperature=0.0, stop_at_eos=False)
+    with _engine(n_seq=2) as eng:
+        bad = eng.submit([9, 10], max_new_tokens=6, temperature=0.0)
+        bad._constraint = DeadEnd()
+        good = eng.submit([5, 6, 7], max_new_tokens=6, temperature=0.0, stop_at_eos=False)
+        eng.run()
+        assert bad.finish_reason == "stop" and bad.tokens == []
+        assert good.tokens == alone and good.finish_reason == "length"

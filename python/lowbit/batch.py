@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -26,6 +27,8 @@ import numpy as np
 
 from ._core import LowbitError
 from .model import Model, Prompt, SamplingParams, _common_prefix, check_logprobs, pool_hidden, token_logprob
+
+log = logging.getLogger("lowbit.batch")
 
 
 _NO_HISTORY = np.zeros(0, dtype=np.int32)
@@ -179,13 +182,18 @@ class BatchEngine:
                 recent = np.ascontiguousarray(history if window < 0 else history[-window:])
             else:
                 recent = _NO_HISTORY
-            allowed = req._constraint.mask(row) if req._constraint is not None else row
-            token = int(req._sampler.sample(allowed, recent))
-            if req.stop_at_eos and token in self._eog:
+            try:
+                allowed = req._constraint.mask(row) if req._constraint is not None else row
+                token = int(req._sampler.sample(allowed, recent))
+                if req.stop_at_eos and token in self._eog:
+                    self._finish(req, "stop")
+                    continue
+                if req._constraint is not None:
+                    req._constraint.consume(token)
+            except LowbitError as e:  # a grammar at a dead end ends its own request, not the others
+                log.warning("request %d: %s", req.id, e)
                 self._finish(req, "stop")
                 continue
-            if req._constraint is not None:
-                req._constraint.consume(token)
             req.tokens.append(token)
             if req._n_logprobs is not None:
                 req.logprobs.append(token_logprob(row, token, req._n_logprobs))
