@@ -75,6 +75,31 @@ def test_sequences_truncate_and_reuse_independently():
     assert m.reusable_prefix(2, seq=0) == 0  # 40 positions went through its ring of 8 + 16 - 1 rows
 
 
+def test_truncated_positions_still_took_their_ring_rows():
+    """A sliding block's ring row is taken by every position written, whether kept or truncated later. Gemma 3's
+    tiny model has windows of 8 and, with n_batch 16, rings of 8 + 16 - 1 = 23 rows. After 31 positions,
+    keeping 25 is fine (the next token reads 18..24), but going on to keep 10 needs positions 3..9, whose rows
+    positions 26..30 took: refused, although only 25 positions are cached. Reusing them would attend to other
+    positions' keys; the logits of the refused-then-recomputed path equal a fresh evaluation."""
+    path = tiny_gguf("gemma3", "f32")
+    ids = random_ids(31, 400, seed=4)
+    m = _core.Model(str(path), n_ctx=64, n_threads=N_THREADS, n_batch=16)
+    m.eval(ids)
+    assert m.reusable_prefix(25) == 25
+    m.truncate(25)
+    assert m.reusable_prefix(10) == 0
+    with pytest.raises(lowbit.LowbitError, match="no longer hold"):
+        m.truncate(10)
+    m.eval(ids[25:27])  # positions 25, 26 written again: 27..30's rows still hold the dropped positions
+    assert m.reusable_prefix(10) == 0
+    m.truncate(0)  # an empty cache protects nothing
+    m.eval(ids[:10])
+    assert m.reusable_prefix(10) == 10
+    ref = _core.Model(str(path), n_ctx=64, n_threads=N_THREADS, n_batch=16).eval(ids[:12])
+    got = m.eval(ids[10:12])
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
 def test_bad_batches_change_nothing():
     path = tiny_gguf("llama3", "f32")
     m = _core.Model(str(path), n_ctx=16, n_threads=N_THREADS, n_batch=8, n_seq=2)

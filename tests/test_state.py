@@ -37,6 +37,7 @@ def test_saved_state_continues_exactly(tmp_path, arch, kv_f16):
         first, _, _ = _continue(a, PROMPT, n=6)
         a.generate_tokens(PROMPT + first[:5], max_new_tokens=0)
         a.save_state(tmp_path / "mid.state")
+        allowed_a = [a._core.reusable_prefix(k) for k in range(1, len(PROMPT) + 6)]
         mid = _continue(a, PROMPT + first[:6], seed=3)
     with lowbit.load(path, n_threads=N_THREADS, n_ctx=128, kv_f16=kv_f16, n_batch=16) as b:
         assert b.load_state(state) == len(PROMPT) and b.cached_tokens == PROMPT
@@ -46,6 +47,11 @@ def test_saved_state_continues_exactly(tmp_path, arch, kv_f16):
         b.load_state(state)
         assert _continue(b, PROMPT, seed=11) == ref[1]
         assert b.load_state(tmp_path / "mid.state") == len(PROMPT) + 5
+        # The loaded cache is never more willing to be cut back than the one it was saved from (a sliding
+        # ring restores only the positions it still held).
+        allowed_b = [b._core.reusable_prefix(k) for k in range(1, len(PROMPT) + 6)]
+        assert all(x == 0 or x == k for k, x in zip(range(1, len(PROMPT) + 6), allowed_b))
+        assert all(x <= y for x, y in zip(allowed_b, allowed_a))
         assert _continue(b, PROMPT + first[:6], seed=3) == mid
 
 

@@ -103,6 +103,7 @@ void Model::eval_rows(const int32_t* tokens, int n, float* out, EvalOut what, in
         }
         // Only now is the chunk part of the cache.
         cached.insert(cached.end(), tokens + done, tokens + done + nc);
+        seqs_[seq].written = std::max(seqs_[seq].written, static_cast<int>(cached.size()));
         done += nc;
     }
 }
@@ -163,6 +164,7 @@ void Model::eval_batch(const std::vector<SeqTokens>& inputs, float* logits) {
             const int end = k < in_i ? in.n : in_done;
             std::vector<int32_t>& cached = seqs_[in.seq].tokens;
             cached.insert(cached.end(), in.tokens + done, in.tokens + end);
+            seqs_[in.seq].written = std::max(seqs_[in.seq].written, static_cast<int>(cached.size()));
         }
     }
 }
@@ -489,8 +491,10 @@ std::vector<uint8_t> Model::state(int seq) const {
     put<int32_t>(out, n_past);
     put<int32_t>(out, 0);
     std::vector<std::pair<int, int>> spans;  // per slot: first position held, rows
+    const int written = std::max(n_past, s.written);
     for (int slot = 0; slot < kv.n_slots(); ++slot) {
-        const int first = std::max(0, n_past - kv.capacity(slot));
+        // The positions this slot's ring still holds (see Sequence::written).
+        const int first = std::min(n_past, std::max(0, written - kv.capacity(slot)));
         spans.emplace_back(first, n_past - first);
         put<int32_t>(out, first);
         put<int32_t>(out, n_past - first);
@@ -554,15 +558,19 @@ void Model::set_state(int seq, const std::vector<int32_t>& tokens, const uint8_t
         need += 2 * static_cast<size_t>(rows) * row_bytes;
     }
     if (need != size) throw Error("saved state: the data has " + std::to_string(size) + " bytes, its header says " + std::to_string(need));
+    int written = n_past;  // such that written - capacity is where each sliding ring's restored rows begin
     for (uint32_t slot = 0; slot < n_slots; ++slot) {
         const auto [first, rows] = spans[slot];
-        const int keep_from = std::max(first, n_past - kv.capacity(static_cast<int>(slot)));
+        const int cap = kv.capacity(static_cast<int>(slot));
+        const int keep_from = std::max(first, n_past - cap);
         const size_t skip = static_cast<size_t>(keep_from - first) * row_bytes;
         const size_t bytes = static_cast<size_t>(rows) * row_bytes;
         kv.copy_in(static_cast<int>(slot), keep_from, n_past - keep_from, data + at + skip, data + at + bytes + skip);
         at += 2 * bytes;
+        if (window[slot] > 0) written = std::max(written, keep_from + cap);
     }
     s.tokens = tokens;
+    s.written = written;
 }
 
 int Model::reusable_prefix(int n_keep, int seq) const {
@@ -570,11 +578,12 @@ int Model::reusable_prefix(int n_keep, int seq) const {
     const int past = static_cast<int>(s.tokens.size());
     if (n_keep <= 0 || n_keep > past) return 0;
     // The next token (position n_keep) of a sliding block reads positions from n_keep - window + 1 on; the
-    // ring still holds them if no later position has taken their rows.
+    // ring still holds them if no later position has taken their rows, truncated ones included.
+    const int written = std::max(past, s.written);
     for (const Layer& L : layers_) {
         if (L.backend != Backend::kCpu || L.window == 0) continue;
         const int first_needed = std::max(0, n_keep - L.window + 1);
-        if (past - first_needed > s.kv->capacity(L.slot)) return 0;
+        if (written - first_needed > s.kv->capacity(L.slot)) return 0;
     }
     return n_keep;
 }
@@ -592,6 +601,7 @@ void Model::truncate(int n_keep, int seq) {
     }
     if (gpu_) gpu_->truncate(n_keep);  // (n_seq is 1 with GPU blocks)
     seqs_[seq].tokens.resize(n_keep);  // entries past n_keep are simply overwritten by later evals
+    if (n_keep == 0) seqs_[seq].written = 0;  // nothing left to protect
 }
 
 // ----------------------------------------------------------------------------------------------------

@@ -282,6 +282,10 @@ private:
     struct Sequence {
         std::unique_ptr<KvCache> kv;
         std::vector<int32_t> tokens;  // (n_past)
+        // One past the highest position whose rows were written since the cache was last empty. A ring row
+        // holds position p only if no later position with the same row was written: p >= written - capacity.
+        // (A truncation does not undo what the dropped positions overwrote.)
+        int written = 0;
     };
     std::vector<Sequence> seqs_;
     const Sequence& seq_at(int seq) const;
