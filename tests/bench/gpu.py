@@ -28,6 +28,7 @@ import numpy as np
 
 import lowbit
 from lowbit import QType, _core
+from lowbit.bench import bench_model
 
 log = logging.getLogger("bench.gpu")
 
@@ -226,6 +227,14 @@ def write_q4_0_gguf(path: Path, s: Shape) -> Optional[Path]:
     return path
 
 
+def _model_rates(m, n_prompt: int, n_decode: int) -> tuple[float, float]:
+    """Median prompt and decode tokens/s of a loaded model, as `lowbit bench` measures them (lowbit.bench: a
+    warm-up, then fresh random prompts, decode steps that each evaluate one new token)."""
+    bench_model(m, n_prompt=n_prompt, n_gen=2, repetitions=1)  # warm-up
+    r = bench_model(m, n_prompt=n_prompt, n_gen=n_decode, repetitions=3)
+    return r["pp_median"], r["tg_median"]
+
+
 def offload_curve(s: Shape, n_prompt: int, n_decode: int, threads: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,7 +242,6 @@ def offload_curve(s: Shape, n_prompt: int, n_decode: int, threads: int) -> list[
         if path is None:
             log.warning("offload curve skipped: the gguf package is not installed")
             return rows
-        ids = np.random.default_rng(2).integers(3, s.n_vocab, size=n_prompt + n_decode).astype(np.int32)
         points = sorted({0, 1, s.n_layer // 4, s.n_layer // 2, 3 * s.n_layer // 4, s.n_layer, s.n_layer + 1})
         for ngl in points:
             try:
@@ -242,16 +250,8 @@ def offload_curve(s: Shape, n_prompt: int, n_decode: int, threads: int) -> list[
                 log.warning("offload curve stopped at n_gpu_layers=%d: %s", ngl, e)
                 break
             with m:
-                m.logits(ids[:n_prompt])  # warm-up
-                m.reset()
-                t0 = time.perf_counter()
-                m.logits(ids[:n_prompt])
-                t_pp = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                for i in range(n_decode):
-                    m.logits(ids[: n_prompt + i + 1])  # one new token each (prefix reuse)
-                t_tg = (time.perf_counter() - t0) / n_decode
-            rows.append({"n_gpu_layers": ngl, f"pp{n_prompt}_tok_s": n_prompt / t_pp, "tg_tok_s": 1 / t_tg})
+                pp, tg = _model_rates(m, n_prompt, n_decode)
+            rows.append({"n_gpu_layers": ngl, f"pp{n_prompt}_tok_s": pp, "tg_tok_s": tg})
             log.info("n_gpu_layers=%d: %s", ngl, rows[-1])
     return rows
 
@@ -266,17 +266,9 @@ def bench_model_files(paths: list[Path], n_prompt: int, n_decode: int, threads: 
             log.warning("%s: not benchmarked: %s", path, e)
             continue
         with m:
-            ids = np.random.default_rng(3).integers(3, m.n_vocab, size=n_prompt + n_decode).astype(np.int32)
-            m.logits(ids[:n_prompt])  # warm-up
-            t0 = time.perf_counter()
-            m.logits(ids[:n_prompt])
-            t_pp = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for i in range(n_decode):
-                m.logits(ids[: n_prompt + i + 1])  # one new token each (prefix reuse)
-            t_tg = (time.perf_counter() - t0) / n_decode
+            pp, tg = _model_rates(m, n_prompt, n_decode)
             rows.append({"model": str(path), "arch": m.config.architecture, "n_layer": m.config.n_layer,
-                         f"pp{n_prompt}_tok_s": n_prompt / t_pp, "tg_tok_s": 1 / t_tg})
+                         f"pp{n_prompt}_tok_s": pp, "tg_tok_s": tg})
         log.info("%s", rows[-1])
     return rows
 
