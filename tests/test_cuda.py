@@ -642,15 +642,21 @@ def test_backend_block_matches_numpy(name: str, matvec: str):
     assert be.add_layer(weights) == 0 and be.n_layers == 1
     ref = NumpyBlock(shape, values)
     # Prompt of 11 tokens (GEMM), then single tokens (matvec), then 2 at once (matvec, n < GEMM_MIN_TOKENS).
+    _forward_in_chunks(be, ref, rng, shape.n_embd, (11, 1, 1, 2, 5), name)
+    assert be.device_bytes > 0
+
+
+def _forward_in_chunks(be, ref, rng, n_embd: int, sizes, label: str) -> None:
+    """Random hidden states, a chunk of each size in turn, through the backend's block and the numpy one from
+    the same position on; every chunk's outputs compared and the backend's cache length checked."""
     n_past = 0
-    for n_tok in (11, 1, 1, 2, 5):
-        x = rng.standard_normal((n_tok, shape.n_embd)).astype(np.float32)
+    for n_tok in sizes:
+        x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
         got = be.forward(x, n_past)
         want = ref.forward(x, n_past)
-        assert_block_close(got, want, x, f"{name} n_past={n_past} n_tok={n_tok}")
+        assert_block_close(got, want, x, f"{label} n_past={n_past} n_tok={n_tok}")
         n_past += n_tok
         assert be.n_cached(0) == n_past
-    assert be.device_bytes > 0
 
 
 @pytest.mark.parametrize("arch", list(BLOCK_ARCHS))
@@ -672,14 +678,8 @@ def test_backend_block_of_each_architecture(arch: str, name: str, matvec: str):
     be = _core.cuda.Backend(backend_config(shape, matvec, a), n_batch=16)
     assert be.add_layer(weights, window=a.window, rope_table=a.rope_table) == 0
     ref = NumpyBlock(shape, values, a)
-    n_past = 0
     # 11 (GEMM), single tokens (matvec), 2 (matvec), 20 in chunks of 16 + 4 (GEMM): 35 positions, window 6.
-    for n_tok in (11, 1, 1, 2, 20):
-        x = rng.standard_normal((n_tok, shape.n_embd)).astype(np.float32)
-        got = be.forward(x, n_past)
-        want = ref.forward(x, n_past)
-        assert_block_close(got, want, x, f"{arch} {name} matvec={matvec} n_past={n_past} n_tok={n_tok}")
-        n_past += n_tok
+    _forward_in_chunks(be, ref, rng, shape.n_embd, (11, 1, 1, 2, 20), f"{arch} {name} matvec={matvec}")
 
 
 def test_backend_sliding_block_truncate():
