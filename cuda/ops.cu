@@ -225,20 +225,27 @@ __global__ void __launch_bounds__(kEltThreads) softcap_kernel(float* __restrict_
 
 }  // namespace
 
-void launch_rmsnorm(const float* x, const float* weight, int64_t n_rows, int64_t n, float eps, float* y,
-                    cudaStream_t stream) {
+namespace {
+
+template <bool kAdd>
+void launch_rmsnorm_rows(const float* x, const float* weight, int64_t n_rows, int64_t n, float eps, float* y,
+                         cudaStream_t stream) {
     if (n_rows <= 0) return;
     if (n_rows > 0x7fffffffLL) throw Error("CUDA rmsnorm: too many rows");
-    rmsnorm_kernel<false><<<static_cast<unsigned int>(n_rows), kNormThreads, 0, stream>>>(x, weight, n, eps, y);
+    rmsnorm_kernel<kAdd><<<static_cast<unsigned int>(n_rows), kNormThreads, 0, stream>>>(x, weight, n, eps, y);
     LB_CUDA_LAUNCHED();
+}
+
+}  // namespace
+
+void launch_rmsnorm(const float* x, const float* weight, int64_t n_rows, int64_t n, float eps, float* y,
+                    cudaStream_t stream) {
+    launch_rmsnorm_rows<false>(x, weight, n_rows, n, eps, y, stream);
 }
 
 void launch_rmsnorm_add(const float* x, const float* weight, int64_t n_rows, int64_t n, float eps, float* y,
                         cudaStream_t stream) {
-    if (n_rows <= 0) return;
-    if (n_rows > 0x7fffffffLL) throw Error("CUDA rmsnorm: too many rows");
-    rmsnorm_kernel<true><<<static_cast<unsigned int>(n_rows), kNormThreads, 0, stream>>>(x, weight, n, eps, y);
-    LB_CUDA_LAUNCHED();
+    launch_rmsnorm_rows<true>(x, weight, n_rows, n, eps, y, stream);
 }
 
 void launch_head_norm(float* x, const float* weight, int64_t n_rows, int n, float eps, cudaStream_t stream) {
