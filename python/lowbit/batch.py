@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from ._core import LowbitError
-from .model import Model, Prompt, SamplingParams, _common_prefix, check_logprobs, pool_hidden, token_logprob
+from .model import Model, Prompt, SamplingParams, _common_prefix, check_logprobs, embed_in_sequence, token_logprob
 
 log = logging.getLogger("lowbit.batch")
 
@@ -82,6 +82,7 @@ class BatchEngine:
         self._ids = itertools.count()
         self._queue: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}  # seq -> request
+        self.last_embed_tokens = 0  # tokens of the last embed() call's inputs
 
     # ---- requests -----------------------------------------------------------------------------------
 
@@ -218,10 +219,7 @@ class BatchEngine:
         if seq is None:
             raise LowbitError("every sequence is busy; embed after a request ends")
         self.last_embed_tokens = sum(int(ids.size) for ids in inputs)
-        out = np.empty((len(inputs), self.model.config.n_embd), dtype=np.float32)
-        for k, ids in enumerate(inputs):
-            self._core.truncate(0, seq=seq)
-            out[k] = pool_hidden(self._core.eval_hidden(ids, seq=seq), pooling, normalize)
+        out = embed_in_sequence(self._core, inputs, pooling, normalize, seq=seq)
         return out[0] if single else out
 
     def _finish(self, req: Request, reason: str) -> None:

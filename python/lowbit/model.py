@@ -26,13 +26,16 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
 from . import _core
 from ._core import LowbitError
 from .chat import render_chat
+
+if TYPE_CHECKING:
+    from .constrain import Constraint
 
 log = logging.getLogger("lowbit.model")
 
@@ -138,6 +141,17 @@ def pool_hidden(hidden: np.ndarray, pooling: str, normalize: bool) -> np.ndarray
         norm = np.linalg.norm(v)
         v = v / norm if norm > 0 else v
     return v.astype(np.float32)
+
+
+def embed_in_sequence(core: "_core.Model", inputs: Sequence[np.ndarray], pooling: str, normalize: bool,
+                      seq: int = 0) -> np.ndarray:
+    """(len(inputs), n_embd): each input's pooled final hidden states, evaluated on its own from an empty cache
+    in sequence seq (which then holds the last input)."""
+    out = np.empty((len(inputs), core.config["n_embd"]), dtype=np.float32)
+    for k, ids in enumerate(inputs):
+        core.truncate(0, seq=seq)
+        out[k] = pool_hidden(core.eval_hidden(ids, seq=seq), pooling, normalize)
+    return out
 
 
 def _usable_cpus() -> int:
@@ -364,12 +378,8 @@ class Model:
         or one list of token ids. pooling: "mean" over the tokens, "last" token or first ("cls") token;
         normalize: scale each vector to unit length. Each text is evaluated on its own from an empty cache."""
         single, inputs = self.embed_inputs(texts, pooling, add_bos)
-        out = np.empty((len(inputs), self._config.n_embd), dtype=np.float32)
-        for k, ids in enumerate(inputs):
-            with self._exclusive():
-                core = self._model()
-                core.truncate(0)
-                out[k] = pool_hidden(core.eval_hidden(ids), pooling, normalize)
+        with self._exclusive():
+            out = embed_in_sequence(self._model(), inputs, pooling, normalize)
         return out[0] if single else out
 
     def embed_inputs(self, texts: Any, pooling: str, add_bos: bool = True) -> tuple[bool, list[np.ndarray]]:
