@@ -169,6 +169,18 @@ void Model::eval_batch(const std::vector<SeqTokens>& inputs, float* logits) {
     }
 }
 
+void Model::set_activation_tap(ActivationTap tap) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (tap) {
+        for (const Layer& L : layers_) {
+            if (L.backend != Backend::kCpu) {
+                throw Error("activation taps need every block on the CPU; load the model with n_gpu_layers=0");
+            }
+        }
+    }
+    tap_ = std::move(tap);
+}
+
 const Model::Sequence& Model::seq_at(int seq) const {
     if (seq < 0 || seq >= n_seq()) {
         throw Error("sequence " + std::to_string(seq) + " does not exist (the model holds " +
@@ -250,7 +262,9 @@ void Model::rope_tables(int n) {
 void Model::run_layer_cpu(const Layer& L, float* x, int n) {
     const ModelConfig& c = config_;
     // Attention: x += attention(rope(norm(x) @ Wq, Wk, Wv)) @ Wo.
+    const int layer = static_cast<int>(&L - layers_.data());
     norm(x, L.attn_norm, n, xb_.data());
+    if (tap_) tap_(layer, kTapAttnIn, xb_.data(), n, c.n_embd);
     project({{&L.wq, L.bq, q_.data()}, {&L.wk, L.bk, k_.data()}, {&L.wv, L.bv, v_.data()}}, xb_.data(), n);
     head_norm(q_.data(), L.q_norm, c.n_head, n);
     head_norm(k_.data(), L.k_norm, c.n_head_kv, n);
@@ -258,11 +272,14 @@ void Model::run_layer_cpu(const Layer& L, float* x, int n) {
     rope(k_.data(), c.n_head_kv, L.rope, n);
     store_kv(L.slot, n);
     attention(L.slot, L.window, n);
+    if (tap_) tap_(layer, kTapAttnOut, att_out_.data(), n, L.wo.n_in);
     matmul_add(L.wo, att_out_.data(), L.attn_post_norm, n, x);
     // Feed-forward: x += (act(norm(x) @ Wgate) * (norm(x) @ Wup)) @ Wdown.
     norm(x, L.ffn_norm, n, xb_.data());
+    if (tap_) tap_(layer, kTapFfnIn, xb_.data(), n, c.n_embd);
     project({{&L.w_gate, nullptr, hb_.data()}, {&L.w_up, nullptr, hb2_.data()}}, xb_.data(), n);
     gated_activation(hb_.data(), hb2_.data(), static_cast<int64_t>(n) * c.n_ff);
+    if (tap_) tap_(layer, kTapFfnDownIn, hb_.data(), n, c.n_ff);
     matmul_add(L.w_down, hb_.data(), L.ffn_post_norm, n, x);
 }
 

@@ -4,7 +4,9 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <iterator>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -108,6 +110,27 @@ void bind_model(py::module_& m) {
             py::arg("tokens"), py::arg("seq") = 0,
             "Evaluate tokens after a sequence's cached ones; returns their final hidden states (n, n_embd), the "
             "output of the last norm.")
+        .def(
+            "set_activation_tap",
+            [](Model& self, py::object fn) {
+                if (fn.is_none()) {
+                    self.set_activation_tap(nullptr);
+                    return;
+                }
+                // The callable is kept alive by the lambda; every call takes the GIL (evals release it) and hands
+                // Python a copy of the rows, which live in the model's scratch only until the next op.
+                auto keep = std::make_shared<py::object>(std::move(fn));
+                self.set_activation_tap([keep](int layer, int site, const float* rows, int n, int dim) {
+                    py::gil_scoped_acquire gil;
+                    py::array_t<float> a({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(dim)});
+                    std::memcpy(a.mutable_data(), rows, sizeof(float) * static_cast<size_t>(n) * dim);
+                    (*keep)(layer, site, a);
+                });
+            },
+            py::arg("tap"),
+            "Call tap(layer, site, rows) with the activations each CPU block's matrices read (site 0: input of "
+            "wq/wk/wv, 1: of wo, 2: of w_gate/w_up, 3: of w_down; rows (n, dim) float32, a copy) during every "
+            "eval until set_activation_tap(None). Used by calibration.")
         .def(
             "eval_batch",
             [](Model& self, const std::vector<std::pair<int, IntArray>>& inputs) {

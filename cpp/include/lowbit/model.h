@@ -5,6 +5,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <memory>
 #include <mutex>
@@ -218,6 +219,15 @@ public:
 
     MemoryFootprint memory_footprint() const;
 
+    // Calibration (python/lowbit/calibrate.py): while a tap is set, every CPU block hands it the activations
+    // its matrices read, before they are read: (layer, site, rows (n, dim) row-major, n, dim). Sites: the
+    // normed input of wq/wk/wv, the input of wo, the normed input of w_gate/w_up, the input of w_down. The
+    // tap runs on the evaluating thread between ops; an exception it throws ends the eval (the chunk is not
+    // cached). Blocks on the GPU are not tapped, so a model with any refuses a tap. An empty tap removes it.
+    enum TapSite : int { kTapAttnIn = 0, kTapAttnOut = 1, kTapFfnIn = 2, kTapFfnDownIn = 3 };
+    using ActivationTap = std::function<void(int layer, int site, const float* rows, int n, int dim)>;
+    void set_activation_tap(ActivationTap tap);
+
     // The architectures lowbit runs, one row each.
     static const std::vector<ArchSpec>& architectures();
 
@@ -303,6 +313,8 @@ private:
     std::vector<float> att_;     // (n_threads, n_ctx + head_dim) scores and a converted value row
     std::vector<float> rope_cs_[2];  // (n_batch, n_rot) cos, sin pairs per position, per rope table
     std::vector<uint8_t> act_scratch_;  // quantized activations for matmul
+
+    ActivationTap tap_;
 
     mutable std::mutex mutex_;  // one eval at a time per model
 };
