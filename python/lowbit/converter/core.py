@@ -14,6 +14,7 @@ from ..quants import QType, type_info
 from .ftype import ModelFacts
 from .hf import QUANTIZATION_VERSION, Checkpoint, LlamaParams, iter_tensors, model_metadata, tensor_shape
 from .metadata import KV, VT
+from .prequant import place
 from .plan import KeepSpec, OutType, TensorIn, encode, parse_keep, parse_outtype, plan_types, type_name
 from .vocab import tokenizer_metadata
 
@@ -132,7 +133,7 @@ def convert(hf_dir: PathLike, out_path: PathLike, outtype: Union[str, QType, Out
     facts = ModelFacts(n_layer=params.n_layer, n_head=params.n_head, n_head_kv=params.n_head_kv,
                        arch=getattr(params, "gguf_arch", "llama"))
     types = plan_types([TensorIn(name, shape) for name, shape, _ in found], facts, out, rules, pure)
-    tensors = [Planned(name, shape, types[name], load) for name, shape, load in found]
+    tensors = [Planned(name, shape, *place(name, types[name], load, out, rules)) for name, shape, load in found]
     kvs = model_metadata(params, out.file_type_id) + tokenizer_metadata(hf_dir, params.n_vocab)
     t0 = time.perf_counter()
     _write(out_path, kvs, tensors, progress, f"convert -> {out.name}")

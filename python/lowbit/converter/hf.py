@@ -15,6 +15,7 @@ import numpy as np
 
 from .._core import LowbitError
 from .metadata import KV, VT
+from .prequant import PackedLinear, PrequantConfig, packed_linears
 from .safetensors_np import SafetensorsFile
 
 log = logging.getLogger("lowbit.convert")
@@ -84,6 +85,8 @@ class LlamaParams:
     rope_theta_swa: Optional[float] = None       # RoPE base of the sliding blocks
     query_pre_attn_scalar: Optional[float] = None  # queries scaled by its ^-0.5 (None: head_dim)
     final_logit_softcapping: Optional[float] = None
+    # GPTQ / AWQ checkpoints: how their packed linears are stored (converter/prequant.py); None: unquantized
+    prequant: Optional[PrequantConfig] = None
 
     @property
     def interleaved_rope(self) -> bool:
@@ -96,6 +99,7 @@ class LlamaParams:
         if not path.is_file():
             raise LowbitError(f"{hf_dir}: no config.json; give the directory of a Hugging Face checkpoint")
         cfg = json.loads(path.read_text(encoding="utf-8"))
+        prequant = PrequantConfig.from_hf_dir(hf_dir, cfg)
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else None
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -165,7 +169,7 @@ class LlamaParams:
             rms_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling_type=rtype,
             rope_scaling_factor=factor, tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"), name=hf_dir.resolve().name,
-            explicit_head_dim=cfg.get("head_dim") is not None, **scaling_extra, **gemma3)
+            explicit_head_dim=cfg.get("head_dim") is not None, prequant=prequant, **scaling_extra, **gemma3)
 
     def rope_freq_factors(self) -> np.ndarray:
         """rope_freqs.weight of Llama 3 scaling: per RoPE pair j, the divisor of its frequency (1 for high
@@ -308,11 +312,12 @@ def tensor_shape(p: LlamaParams, name: str) -> Optional[tuple[int, ...]]:
 
 class Checkpoint:
     """The tensors of a checkpoint directory (single/sharded safetensors, or pytorch_model*.bin), by HF
-    name, loaded one at a time as float32."""
+    name, loaded one at a time as float32 (load) or as stored (load_raw: the int32 words of GPTQ/AWQ)."""
 
     def __init__(self, hf_dir: Path):
         self.dir = hf_dir
         self._where: dict[str, Callable[[], np.ndarray]] = {}
+        self._raw: dict[str, Callable[[], np.ndarray]] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         st_index = hf_dir / "model.safetensors.index.json"
         bin_index = hf_dir / "pytorch_model.bin.index.json"
@@ -348,6 +353,7 @@ class Checkpoint:
             st = SafetensorsFile(path)
             for name in st.keys():
                 self._where[name] = (lambda st=st, name=name: st.get_f32(name))
+                self._raw[name] = (lambda st=st, name=name: st.read(name))
                 self._shapes[name] = st.shape(name)
 
     def _add_bins(self, files: list[Path]) -> None:
@@ -362,6 +368,7 @@ class Checkpoint:
                 if not isinstance(t, torch.Tensor):
                     continue
                 self._where[name] = (lambda t=t: t.detach().to(torch.float32).numpy())
+                self._raw[name] = (lambda t=t: t.detach().contiguous().numpy())
                 self._shapes[name] = tuple(t.shape)
 
     def names(self) -> list[str]:
@@ -372,6 +379,10 @@ class Checkpoint:
 
     def load(self, name: str) -> np.ndarray:
         return np.ascontiguousarray(self._where[name](), dtype=np.float32)
+
+    def load_raw(self, name: str) -> np.ndarray:
+        """The stored values in their own dtype (safetensors BF16 as uint16 bits)."""
+        return np.ascontiguousarray(self._raw[name]())
 
 
 # ---- names and permutation ---------------------------------------------------------------------------
@@ -444,13 +455,29 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 TensorSource = tuple[str, tuple[int, ...], Callable[[], np.ndarray]]
 
 
+def _packed(ckpt: Checkpoint, params: LlamaParams) -> dict[str, PackedLinear]:
+    """The checkpoint's GPTQ/AWQ linears (converter/prequant.py), by HF name without ".qweight"."""
+    if params.prequant is None:
+        if any(n.endswith(".qweight") for n in ckpt.names()):
+            raise LowbitError(f"{ckpt.dir}: the weights hold packed .qweight tensors (GPTQ or AWQ), but config.json "
+                              f"has no quantization_config saying how they are packed")
+        return {}
+    packed = packed_linears(ckpt, params.prequant)
+    log.info("%s: %s checkpoint, %d packed linears", ckpt.dir, params.prequant.label, len(packed))
+    return packed
+
+
 def iter_tensors(ckpt: Checkpoint, params: LlamaParams) -> Iterator[TensorSource]:
     """(gguf name, numpy shape, loader) in llama.cpp's order: rope_freqs (Llama 3 scaling), token_embd, blocks,
     output_norm, output."""
     items: dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]] = {}
     if params.rope_scaling_type == "llama3":
         items["rope_freqs.weight"] = ((params.head_dim // 2,), params.rope_freq_factors)
+    packed = _packed(ckpt, params)
+    consumed = {n for lin in packed.values() for n in lin.tensor_names}
     for hf in ckpt.names():
+        if hf in consumed:
+            continue
         name = gguf_name(hf, params.gguf_arch)
         if name is None:
             continue
@@ -464,6 +491,18 @@ def iter_tensors(ckpt: Checkpoint, params: LlamaParams) -> Iterator[TensorSource
         elif params.interleaved_rope and name.endswith(("attn_k.weight", "attn_k.bias")):
             load = (lambda hf=hf: permute_qk(ckpt.load(hf), params.n_head_kv))
         items[name] = (ckpt.shape(hf), load)
+    for base, lin in packed.items():
+        name = gguf_name(base + ".weight", params.gguf_arch)
+        if name is None or (name == "output.weight" and params.tie_word_embeddings):
+            continue
+        if name in items:
+            raise LowbitError(f"{ckpt.dir}: {base} is stored both packed (.qweight) and as .weight")
+        # llama's q/k row permutation moves whole output rows, so the packed blocks move unchanged.
+        if params.interleaved_rope and name.endswith("attn_q.weight"):
+            lin = lin.with_row_order(permute_qk(np.arange(lin.shape[0]), params.n_head))
+        elif params.interleaved_rope and name.endswith("attn_k.weight"):
+            lin = lin.with_row_order(permute_qk(np.arange(lin.shape[0]), params.n_head_kv))
+        items[name] = (lin.shape, lin)
     if "token_embd.weight" not in items:
         raise LowbitError(f"{ckpt.dir}: model.embed_tokens.weight is missing from the weights")
 
