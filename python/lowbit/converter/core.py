@@ -5,7 +5,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Union
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -52,13 +52,15 @@ def _check_output(out_path: Path, force: bool, inputs: Iterable[Path] = ()) -> N
 
 class Planned(NamedTuple):
     """One output tensor: numpy shape, output type, and its loader: float32 values to encode, or (copy=True)
-    the input's bytes, written unchanged."""
+    the input's bytes, written unchanged; values: for a copied tensor lowbit can decode, its float32 values
+    (for a step that must change it, such as AWQ's folding into the norms)."""
 
     name: str
     shape: tuple[int, ...]
     qtype: Union[QType, int]
     load: Callable[[], np.ndarray]
     copy: bool = False
+    values: Optional[Callable[[], np.ndarray]] = None
 
 
 def _write(out_path: Path, kvs: list[KV], tensors: list[Planned], progress: bool, desc: str) -> None:
@@ -174,7 +176,11 @@ def _count_types(type_ids: Iterable[int]) -> str:
 
 def quantize_file(in_gguf: PathLike, out_gguf: PathLike, qtype: Union[str, QType, OutType], keep: KeepSpec = None,
                   force: bool = False, progress: bool = True, pure: bool = False,
-                  allow_requantize: bool = False) -> Path:
+                  allow_requantize: bool = False, calibrate: Optional[PathLike] = None,
+                  imatrix: Optional[PathLike] = None, calib_tokens: int = 32768, calib_ctx: int = 512,
+                  method: str = "auto", save_imatrix: Optional[PathLike] = None,
+                  memory_budget: Optional[int] = None, n_threads: Optional[int] = None,
+                  stats=None) -> Path:
     """Quantize a GGUF (lowbit's or llama.cpp's) to a file type, as llama-quantize does: every tensor gets the
     type plan.plan_types chooses (llama.cpp's per-tensor rules for its file types, pure=True for --pure;
     lowbit's nf4 / nf4_dq / fp4 on every matrix), --keep rules as for convert(). Metadata and tokenizer keys are
@@ -184,6 +190,14 @@ def quantize_file(in_gguf: PathLike, out_gguf: PathLike, qtype: Union[str, QType
     Tensors that are already quantized and would change type are dequantized and quantized again, which loses
     more than quantizing the F16/F32 original; that needs allow_requantize=True (llama-quantize's
     --allow-requantize), otherwise it is an error.
+
+    Calibration (converter/calibrated.py): calibrate names a text file that lowbit's forward pass runs the
+    (unquantized) input model over, calib_tokens tokens in windows of calib_ctx, to collect the statistics of
+    each matrix's inputs; imatrix names an importance-matrix file instead (llama.cpp's GGUF or .dat, or
+    lowbit's). method: "auto" (the best measured per type), "imatrix", "gptq", "awq+imatrix", "awq+gptq".
+    save_imatrix writes the collected importance matrix in llama.cpp's GGUF format (".dat": the legacy one).
+    stats: a lowbit.calibrate.CalibrationStats from calibrate.collect() on this model, instead of calibrate or
+    imatrix (collect once, quantize to several types). The output holds only standard block types.
     """
     from ..gguf import GGUFFile
 
@@ -203,7 +217,8 @@ def quantize_file(in_gguf: PathLike, out_gguf: PathLike, qtype: Union[str, QType
         shape = tuple(int(d) for d in t.shape)
         new = types[t.name]
         if int(new) == t.type_id:
-            tensors.append(Planned(t.name, shape, new, lambda t=t: t.data, copy=True))
+            tensors.append(Planned(t.name, shape, new, lambda t=t: t.data, copy=True,
+                                   values=t.to_numpy if isinstance(t.qtype, QType) else None))
             continue
         if not isinstance(t.qtype, QType):
             raise LowbitError(f"tensor {t.name}: lowbit reads {type_name(t.type_id)} tensors but cannot convert "
@@ -211,6 +226,16 @@ def quantize_file(in_gguf: PathLike, out_gguf: PathLike, qtype: Union[str, QType
         if type_info(t.type_id).is_quantized:
             requantized.append(t.type_id)
         tensors.append(Planned(t.name, shape, new, t.to_numpy))
+    calibrated = calibrate is not None or imatrix is not None or stats is not None
+    if calibrated:
+        from ..calibrate import model_is_unquantized
+
+        quantized = model_is_unquantized(in_gguf)
+        if quantized:
+            raise LowbitError(f"{in_gguf}: calibrated quantization needs the unquantized (F16/BF16/F32) model, whose "
+                              f"activations the statistics describe; this file's block matrices are quantized "
+                              f"({', '.join(quantized[:3])}{', ...' if len(quantized) > 3 else ''}). Calibrate "
+                              "and quantize the F16/BF16 original")
     if requantized and not allow_requantize:
         raise LowbitError(f"{in_gguf} holds quantized tensors ({_count_types(requantized)}); quantizing them again "
                           "loses more quality than quantizing the F16/F32 original. Quantize the original "
@@ -219,6 +244,12 @@ def quantize_file(in_gguf: PathLike, out_gguf: PathLike, qtype: Union[str, QType
     if requantized:
         log.warning("requantizing %d tensors that are already quantized (%s): the result is worse than "
                     "quantizing the F16/F32 original", len(requantized), _count_types(requantized))
+
+    if calibrated:
+        tensors = _calibrate_tensors(in_gguf, out, tensors, facts, calibrate, imatrix, calib_tokens, calib_ctx, method,
+                                     save_imatrix, memory_budget, n_threads, progress, stats)
+    elif save_imatrix is not None:
+        raise LowbitError("save_imatrix needs calibration text (--calibrate TEXT)")
 
     kvs: list[KV] = []
     for key in src.metadata:
@@ -239,3 +270,43 @@ def quantize_file(in_gguf: PathLike, out_gguf: PathLike, qtype: Union[str, QType
     log.info("wrote %s (%s; %d tensors: %s, %.1f MiB) in %.1f s", out_gguf, out.name, len(tensors),
              _type_mix(tensors), out_gguf.stat().st_size / 2**20, time.perf_counter() - t0)
     return out_gguf
+
+
+def _calibrate_tensors(in_gguf: Path, out: OutType, tensors: list[Planned], facts: ModelFacts, calibrate, imatrix,
+                       calib_tokens: int, calib_ctx: int, method: str, save_imatrix, memory_budget, n_threads, progress: bool,
+                       stats=None) -> list[Planned]:
+    """Statistics from text (or an imatrix file), then the planned tensors rewritten by converter/calibrated.py."""
+    from .. import calibrate as cal
+    from .calibrated import NEEDS_HESSIAN, calibrated_loaders, default_method, parse_method
+
+    if (calibrate is not None) + (imatrix is not None) + (stats is not None) > 1:
+        raise LowbitError("give calibration text (--calibrate) or an importance matrix (--imatrix), not both")
+    m = parse_method(method)
+    if m == "auto":
+        has_xtx = calibrate is not None or (stats is not None and any(s.xtx is not None for s in stats.sites.values()))
+        m = default_method(out.name) if has_xtx else "imatrix"
+        log.info("calibration method: %s", m)
+    if stats is not None:
+        if save_imatrix is not None:
+            raise LowbitError("save_imatrix writes the statistics of --calibrate; with stats, call "
+                              "lowbit.imatrix.write_imatrix(path, stats.imatrix())")
+    elif calibrate is not None:
+        if calib_tokens < calib_ctx:
+            raise LowbitError(f"--calib-tokens {calib_tokens} is less than one window of {calib_ctx} tokens")
+        text = cal.read_text(calibrate)
+        t0 = time.perf_counter()
+        stats = cal.collect(in_gguf, text, n_tokens=calib_tokens, n_ctx=calib_ctx,
+                            hessians=m in NEEDS_HESSIAN, memory_budget=memory_budget,
+                            n_threads=n_threads, progress=progress, dataset=Path(calibrate).name)
+        log.info("calibrated on %d tokens of %s in %.1f s", stats.n_tokens, calibrate, time.perf_counter() - t0)
+        if save_imatrix is not None:
+            from ..imatrix import write_imatrix
+
+            path = Path(save_imatrix)
+            write_imatrix(path, stats.imatrix(), fmt="dat" if path.suffix == ".dat" else "gguf")
+            log.info("wrote the importance matrix to %s", path)
+    else:
+        if save_imatrix is not None:
+            raise LowbitError("save_imatrix needs calibration text (--calibrate TEXT), not --imatrix")
+        stats = cal.stats_from_imatrix(imatrix)
+    return calibrated_loaders(tensors, stats, m, facts.n_head, facts.n_head_kv, progress)
