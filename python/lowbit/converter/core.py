@@ -245,16 +245,18 @@ def quantize_file(in_gguf: PathLike, out_gguf: PathLike, qtype: Union[str, QType
         log.warning("requantizing %d tensors that are already quantized (%s): the result is worse than "
                     "quantizing the F16/F32 original", len(requantized), _count_types(requantized))
 
+    calibration_kvs: list[KV] = []
     if calibrated:
-        tensors = _calibrate_tensors(in_gguf, out, tensors, facts, calibrate, imatrix, calib_tokens, calib_ctx, method,
-                                     save_imatrix, memory_budget, n_threads, progress, stats)
+        tensors, calibration_kvs = _calibrate_tensors(in_gguf, out, tensors, facts, calibrate, imatrix, calib_tokens,
+                                                      calib_ctx, method, save_imatrix, memory_budget, n_threads,
+                                                      progress, stats)
     elif save_imatrix is not None:
         raise LowbitError("save_imatrix needs calibration text (--calibrate TEXT)")
 
     kvs: list[KV] = []
     for key in src.metadata:
-        if key == "general.alignment":
-            continue  # the writer sets it
+        if key == "general.alignment" or (calibration_kvs and key.startswith("quantize.imatrix.")):
+            continue  # the writer sets the alignment; a calibrated file says what it was calibrated on
         if key == "general.file_type":
             kvs.append(KV.u32(key, out.file_type_id))
         elif key == "general.quantization_version":
@@ -265,6 +267,7 @@ def quantize_file(in_gguf: PathLike, out_gguf: PathLike, qtype: Union[str, QType
         kvs.append(KV.u32("general.file_type", out.file_type_id))
     if "general.quantization_version" not in src.metadata:
         kvs.append(KV.u32("general.quantization_version", QUANTIZATION_VERSION))
+    kvs += calibration_kvs
     t0 = time.perf_counter()
     _write(out_gguf, kvs, tensors, progress, f"quantize -> {out.name}")
     log.info("wrote %s (%s; %d tensors: %s, %.1f MiB) in %.1f s", out_gguf, out.name, len(tensors),
@@ -273,9 +276,10 @@ def quantize_file(in_gguf: PathLike, out_gguf: PathLike, qtype: Union[str, QType
 
 
 def _calibrate_tensors(in_gguf: Path, out: OutType, tensors: list[Planned], facts: ModelFacts, calibrate, imatrix,
-                       calib_tokens: int, calib_ctx: int, method: str, save_imatrix, memory_budget, n_threads, progress: bool,
-                       stats=None) -> list[Planned]:
-    """Statistics from text (or an imatrix file), then the planned tensors rewritten by converter/calibrated.py."""
+                       calib_tokens: int, calib_ctx: int, method: str, save_imatrix, memory_budget, n_threads,
+                       progress: bool, stats=None) -> tuple[list[Planned], list[KV]]:
+    """Statistics from text (or an imatrix file), then the planned tensors rewritten by converter/calibrated.py,
+    and the keys llama-quantize writes into a file made with an importance matrix (quantize.imatrix.*)."""
     from .. import calibrate as cal
     from .calibrated import NEEDS_HESSIAN, calibrated_loaders, default_method, parse_method
 
@@ -309,4 +313,9 @@ def _calibrate_tensors(in_gguf: Path, out: OutType, tensors: list[Planned], fact
         if save_imatrix is not None:
             raise LowbitError("save_imatrix needs calibration text (--calibrate TEXT), not --imatrix")
         stats = cal.stats_from_imatrix(imatrix)
-    return calibrated_loaders(tensors, stats, m, facts.n_head, facts.n_head_kv, progress)
+    source = calibrate if calibrate is not None else imatrix
+    kvs = [KV.str("quantize.imatrix.file", Path(source).name if source is not None else "(statistics)"),
+           KV.str("quantize.imatrix.dataset", stats.dataset),
+           KV.u32("quantize.imatrix.entries_count", sum(len(cal.SITE_TENSORS[k[1]]) for k in stats.sites)),
+           KV.u32("quantize.imatrix.chunks_count", stats.n_chunks)]
+    return calibrated_loaders(tensors, stats, m, facts.n_head, facts.n_head_kv, progress), kvs
