@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .._core import LowbitError
-from ..calibrate import SITE_TENSORS, CalibrationStats, tensor_site
+from ..calibrate import SITE_TENSORS, CalibrationStats, SiteStats, tensor_site
 from ..quants import QType
 from ..wquant import block_type, output_error, quantize_gptq, quantize_weighted
 
@@ -64,20 +64,30 @@ def parse_method(method: str) -> str:
 
 @dataclass
 class _Site:
-    """One site's statistics and, after the AWQ search, its scales (None: 1)."""
+    """One site's statistics and, after the AWQ search, its scales (None: 1). The second moment is made (in
+    float64) only when a matrix of the site is quantized, so that a large model's are not all in memory at
+    once beside the float32 sums they come from."""
 
     importance: np.ndarray
-    hessian: Optional[np.ndarray]
+    stats: SiteStats
     mean_abs: Optional[np.ndarray]
     scale: Optional[np.ndarray] = None
+
+    @property
+    def has_hessian(self) -> bool:
+        return self.stats.xtx is not None
+
+    def hessian(self) -> Optional[np.ndarray]:
+        return self.stats.hessian()
 
     def imp(self) -> np.ndarray:
         return self.importance if self.scale is None else self.importance / (self.scale * self.scale)
 
     def H(self) -> Optional[np.ndarray]:
-        if self.hessian is None or self.scale is None:
-            return self.hessian
-        return self.hessian / np.outer(self.scale, self.scale)
+        H = self.hessian()
+        if H is None or self.scale is None:
+            return H
+        return H / np.outer(self.scale, self.scale)
 
 
 @dataclass
@@ -98,14 +108,13 @@ def build_sites(stats: CalibrationStats) -> dict[tuple[int, int], _Site]:
     for key, s in stats.sites.items():
         if s.n == 0:
             continue
-        out[key] = _Site(importance=s.mean_sq.astype(np.float64), hessian=s.hessian(),
+        out[key] = _Site(importance=s.mean_sq.astype(np.float64), stats=s,
                          mean_abs=s.mean_abs.astype(np.float64))
     return out
 
 
-def _awq_loss(mats: list[tuple[np.ndarray, QType]], s: np.ndarray, site: _Site) -> float:
+def _awq_loss(mats: list[tuple[np.ndarray, QType]], s: np.ndarray, site: _Site, H: np.ndarray) -> float:
     imp = site.importance / (s * s)
-    H = site.hessian
     loss = 0.0
     for W, qt in mats:
         _, vals = quantize_weighted(W * s[None, :], qt, imp, return_values=True)
@@ -132,9 +141,10 @@ def awq_search(site: _Site, mats: list[tuple[np.ndarray, QType]], kv_groups: Opt
         base = np.repeat(base[:, None, :], g, axis=1).reshape(-1)
     best = (np.ones_like(base), 0.0, None)
     loss0 = None
+    H = site.hessian()
     for a in ALPHAS:
         s = _normalise(base ** a) if a > 0 else np.ones_like(base)
-        loss = _awq_loss(mats, s, site)
+        loss = _awq_loss(mats, s, site, H)
         if loss0 is None:
             loss0 = loss
         if best[2] is None or loss < best[2]:
@@ -168,7 +178,7 @@ def calibrated_loaders(tensors: list, stats: CalibrationStats, method: str, n_he
                               "another model")
         if t.shape[-1] % bt.group:
             continue
-        if method in NEEDS_HESSIAN and sites[key].hessian is None:
+        if method in NEEDS_HESSIAN and not sites[key].has_hessian:
             raise LowbitError(f"method {method} needs the activations' second moments, which an importance-matrix "
                               "file does not hold; calibrate on text (--calibrate) or use --method imatrix")
         chosen[t.name] = method
