@@ -159,97 +159,80 @@ def _nibbles_lo_hi(q: np.ndarray) -> np.ndarray:
     return (q[:, :16] | (q[:, 16:] << 4)).astype(np.uint8)
 
 
-class Q4_0(BlockType):
-    qtype, group = QType.Q4_0, 32
-    levels = np.arange(-8, 8, dtype=np.float32)
-    zero_index = 8
-
-    def fit(self, x, w):
-        d = _f16(_search_sym(x, w, -8, 7))
-        a = np.repeat(d[:, None], self.group, axis=1).astype(np.float32)
-        return Grid(a, np.zeros_like(a), {"d": d})
-
-    def pack(self, grid, q):
-        out = np.empty((q.shape[0], 18), dtype=np.uint8)
-        out[:, :2] = grid.fields["d"].astype(np.float16).view(np.uint8).reshape(-1, 2)
-        out[:, 2:] = _nibbles_lo_hi(q)
-        return out
-
-
-class Q4_1(BlockType):
-    qtype, group = QType.Q4_1, 32
-    levels = np.arange(0, 16, dtype=np.float32)
-    zero_index = 0
-
-    def fit(self, x, w):
-        d, m = _search_asym(x, w, 15, nonneg_min=False)
-        d, m = _f16(d), _f16(m)
-        a = np.repeat(d[:, None], self.group, axis=1)
-        b = np.repeat(m[:, None], self.group, axis=1)
-        return Grid(a.astype(np.float32), b.astype(np.float32), {"d": d, "m": m})
-
-    def pack(self, grid, q):
-        out = np.empty((q.shape[0], 20), dtype=np.uint8)
-        out[:, :2] = grid.fields["d"].astype(np.float16).view(np.uint8).reshape(-1, 2)
-        out[:, 2:4] = grid.fields["m"].astype(np.float16).view(np.uint8).reshape(-1, 2)
-        out[:, 4:] = _nibbles_lo_hi(q)
-        return out
-
-
 def _high_bits(q: np.ndarray) -> np.ndarray:
     """(n, 32) codes 0..31 -> (n, 4) bytes: bit j of the little-endian uint32 is q[j] >> 4 (ggml's qh)."""
     bits = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
     return np.bitwise_or.reduce(bits, axis=1).astype("<u4").view(np.uint8).reshape(-1, 4)
 
 
-class Q5_0(BlockType):
-    qtype, group = QType.Q5_0, 32
-    levels = np.arange(-16, 16, dtype=np.float32)
-    zero_index = 16
+class _Legacy(BlockType):
+    """ggml's blocks of 32 with F16 scale d (and min m for the _1 types), then for 5 bits the high bits qh,
+    then the low nibbles."""
+
+    group = 32
+    bits = 4
+
+    def pack(self, grid, q):
+        parts = [grid.fields[k].astype(np.float16).view(np.uint8).reshape(-1, 2) for k in ("d", "m")
+                 if k in grid.fields]
+        if self.bits == 5:
+            parts.append(_high_bits(q))
+        parts.append(_nibbles_lo_hi(q & 15))
+        return np.concatenate(parts, axis=1)
+
+
+class _Sym(_Legacy):
+    """Codes lo..hi around zero_index, value d * level (Q4_0, Q5_0, Q8_0)."""
+
+    lo: int
+    hi: int
+    n_cand = 16
 
     def fit(self, x, w):
-        d = _f16(_search_sym(x, w, -16, 15))
+        d = _f16(_search_sym(x, w, self.lo, self.hi, n_cand=self.n_cand))
         a = np.repeat(d[:, None], self.group, axis=1).astype(np.float32)
         return Grid(a, np.zeros_like(a), {"d": d})
 
-    def pack(self, grid, q):
-        out = np.empty((q.shape[0], 22), dtype=np.uint8)
-        out[:, :2] = grid.fields["d"].astype(np.float16).view(np.uint8).reshape(-1, 2)
-        out[:, 2:6] = _high_bits(q)
-        out[:, 6:] = _nibbles_lo_hi(q & 15)
-        return out
 
+class _Asym(_Legacy):
+    """Codes 0..2^bits-1, value d * q + m (Q4_1, Q5_1)."""
 
-class Q5_1(BlockType):
-    qtype, group = QType.Q5_1, 32
-    levels = np.arange(0, 32, dtype=np.float32)
     zero_index = 0
 
     def fit(self, x, w):
-        d, m = _search_asym(x, w, 31, nonneg_min=False)
+        d, m = _search_asym(x, w, len(self.levels) - 1, nonneg_min=False)
         d, m = _f16(d), _f16(m)
         a = np.repeat(d[:, None], self.group, axis=1)
         b = np.repeat(m[:, None], self.group, axis=1)
         return Grid(a.astype(np.float32), b.astype(np.float32), {"d": d, "m": m})
 
-    def pack(self, grid, q):
-        out = np.empty((q.shape[0], 24), dtype=np.uint8)
-        out[:, :2] = grid.fields["d"].astype(np.float16).view(np.uint8).reshape(-1, 2)
-        out[:, 2:4] = grid.fields["m"].astype(np.float16).view(np.uint8).reshape(-1, 2)
-        out[:, 4:8] = _high_bits(q)
-        out[:, 8:] = _nibbles_lo_hi(q & 15)
-        return out
+
+class Q4_0(_Sym):
+    qtype, lo, hi = QType.Q4_0, -8, 7
+    levels = np.arange(-8, 8, dtype=np.float32)
+    zero_index = 8
 
 
-class Q8_0(BlockType):
-    qtype, group = QType.Q8_0, 32
+class Q4_1(_Asym):
+    qtype = QType.Q4_1
+    levels = np.arange(0, 16, dtype=np.float32)
+
+
+class Q5_0(_Sym):
+    qtype, lo, hi, bits = QType.Q5_0, -16, 15, 5
+    levels = np.arange(-16, 16, dtype=np.float32)
+    zero_index = 16
+
+
+class Q5_1(_Asym):
+    qtype, bits = QType.Q5_1, 5
+    levels = np.arange(0, 32, dtype=np.float32)
+
+
+class Q8_0(_Sym):
+    qtype, lo, hi, n_cand = QType.Q8_0, -127, 127, 4
     levels = np.arange(-128, 128, dtype=np.float32)
     zero_index = 128
-
-    def fit(self, x, w):
-        d = _f16(_search_sym(x, w, -127, 127, n_cand=4))
-        a = np.repeat(d[:, None], self.group, axis=1).astype(np.float32)
-        return Grid(a, np.zeros_like(a), {"d": d})
 
     def nearest(self, t):
         return (np.clip(np.rint(t), -127, 127) + 128).astype(np.int64)
