@@ -99,10 +99,6 @@ class Plan:
     norm_div: dict[str, np.ndarray] = field(default_factory=dict)  # norm tensor -> divide it
 
 
-def _site_key(name: str) -> Optional[tuple[int, int]]:
-    return tensor_site(name)
-
-
 def build_sites(stats: CalibrationStats) -> dict[tuple[int, int], _Site]:
     out = {}
     for key, s in stats.sites.items():
@@ -165,7 +161,7 @@ def calibrated_loaders(tensors: list, stats: CalibrationStats, method: str, n_he
     sites = build_sites(stats)
     chosen: dict[str, str] = {}
     for t in tensors:
-        key = _site_key(t.name)
+        key = tensor_site(t.name)
         bt = block_type(t.qtype) if (key and not t.copy) else None
         if key is None or bt is None or key not in sites:
             if key is not None and key in sites and bt is None and not t.copy:
@@ -184,7 +180,7 @@ def calibrated_loaders(tensors: list, stats: CalibrationStats, method: str, n_he
         chosen[t.name] = method
 
     plan = Plan(sites=sites)
-    awq_layers = sorted({_site_key(n)[0] for n, m in chosen.items() if m.startswith("awq")})
+    awq_layers = sorted({tensor_site(n)[0] for n, m in chosen.items() if m.startswith("awq")})
     if awq_layers:
         _plan_awq(plan, by_name, chosen, awq_layers, n_head, n_head_kv, progress)
 
@@ -214,15 +210,11 @@ def _divided(load: Callable[[], np.ndarray], div: np.ndarray) -> Callable[[], np
     return f
 
 
-def _rows_div(plan: Plan, name: str) -> Optional[np.ndarray]:
-    return plan.row_div.get(name)
-
-
 def _calibrated_load(t, plan: Plan, method: str) -> Callable[[], np.ndarray]:
     def f() -> np.ndarray:
-        site = plan.sites[_site_key(t.name)]
+        site = plan.sites[tensor_site(t.name)]
         W = np.asarray(t.load(), dtype=np.float32)
-        rd = _rows_div(plan, t.name)
+        rd = plan.row_div.get(t.name)
         if rd is not None:
             W = W / rd[:, None]
         if site.scale is not None:
